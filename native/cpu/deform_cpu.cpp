@@ -1,0 +1,558 @@
+// CPU kernels of erftool_native::deform_forward / deform_backward.
+//
+// Column form: per chunk of output positions, build the column rows
+// T[p][(g, s, c)] = sum_taps coef * value (deform_cpu_kernels.h), then one
+// grouped 1x1 convolution (oneDNN) or GEMM against the weight. The backward
+// recomputes T, gets G = W^T grad_out and grad_W = grad_out T^T from the same
+// 1x1 convolution's backward, and derives the input, offset and mask
+// gradients from G in fused passes. Depthwise layers skip the GEMM.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "deform_cpu_kernels.h"
+
+namespace erftool {
+namespace cpu {
+namespace {
+
+// ------------------------------------------------------------ ISA dispatch
+// The hot loops are compiled twice, for AVX2+FMA and for the baseline ISA
+// (the extension is built without -march flags), and picked at run time.
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define ERFTOOL_AVX2_TARGET __attribute__((target("avx2,fma")))
+bool use_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#else
+#define ERFTOOL_AVX2_TARGET
+bool use_avx2() { return false; }
+#endif
+
+#define ERFTOOL_ISA_VARIANTS(name)                                              \
+  template <typename T, typename... A>                                          \
+  ERFTOOL_AVX2_TARGET void name##_avx2(A... a) {                                \
+    name<T>(a...);                                                              \
+  }                                                                             \
+  template <typename T, typename... A>                                          \
+  void name##_base(A... a) {                                                    \
+    name<T>(a...);                                                              \
+  }                                                                             \
+  template <typename T, typename... A>                                          \
+  void name##_isa(A... a) {                                                     \
+    if (use_avx2())                                                             \
+      name##_avx2<T>(a...);                                                     \
+    else                                                                        \
+      name##_base<T>(a...);                                                     \
+  }
+
+ERFTOOL_ISA_VARIANTS(build_rows)
+ERFTOOL_ISA_VARIANTS(depthwise_rows)
+ERFTOOL_ISA_VARIANTS(offset_grad_rows)
+ERFTOOL_ISA_VARIANTS(input_grad_gather)
+ERFTOOL_ISA_VARIANTS(input_grad_scatter)
+ERFTOOL_ISA_VARIANTS(depthwise_weight_grad)
+
+// ------------------------------------------------------------ arguments
+
+struct Options {
+  std::vector<int64_t> kernel_size, stride, padding, dilation;
+  int64_t groups, offset_groups, data_groups, chunk_bytes;
+};
+
+void check_tensor(const at::Tensor& t, const at::Tensor& like, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), "deform (CPU): ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "deform (CPU): ", name,
+              " must have the input's dtype");
+  TORCH_CHECK(t.dim() == dim, "deform (CPU): ", name, " must be ", dim, "-D, got ", t.sizes());
+}
+
+void check_offset(const c10::optional<at::Tensor>& t, const at::Tensor& input,
+                  const char* name, int64_t channels, int64_t Ho, int64_t Wo) {
+  if (!t.has_value() || !t->defined()) return;
+  check_tensor(*t, input, name, 4);
+  TORCH_CHECK(t->size(0) == input.size(0) && t->size(1) == channels && t->size(2) == Ho &&
+                  t->size(3) == Wo,
+              "deform (CPU): ", name, " must be (", input.size(0), ", ", channels, ", ", Ho,
+              ", ", Wo, "), got ", t->sizes());
+}
+
+bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& koff,
+                       const c10::optional<at::Tensor>& doff,
+                       const c10::optional<at::Tensor>& mask, const Options& o) {
+  TORCH_CHECK(o.kernel_size.size() == 2 && o.stride.size() == 2 && o.padding.size() == 2 &&
+                  o.dilation.size() == 2,
+              "deform (CPU): kernel_size, stride, padding and dilation are pairs");
+  check_tensor(input, input, "input", 4);
+  check_tensor(weight, input, "weight", 4);
+  Geometry g;
+  g.N = input.size(0), g.C = input.size(1), g.H = input.size(2), g.W = input.size(3);
+  g.O = weight.size(0), g.groups = o.groups;
+  TORCH_CHECK(g.groups >= 1 && g.C % g.groups == 0 && g.O % g.groups == 0,
+              "deform (CPU): groups must divide the input and output channels");
+  g.Cg = g.C / g.groups, g.Og = g.O / g.groups;
+  TORCH_CHECK(weight.size(1) == g.Cg, "deform (CPU): weight must have C_in/groups = ", g.Cg,
+              " input channels, got ", weight.sizes());
+  g.Kh = o.kernel_size[0], g.Kw = o.kernel_size[1], g.K = g.Kh * g.Kw;
+  g.Sh = weight.size(2), g.Sw = weight.size(3), g.S2 = g.Sh * g.Sw;
+  TORCH_CHECK(g.Kh >= 1 && g.Kw >= 1 && g.Kh <= g.Sh && g.Kw <= g.Sw,
+              "deform (CPU): kernel_size must be >= 1 and fit in the scope ", weight.sizes());
+  g.sh = o.stride[0], g.sw = o.stride[1], g.ph = o.padding[0], g.pw = o.padding[1];
+  g.dh = o.dilation[0], g.dw = o.dilation[1];
+  TORCH_CHECK(g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1 && g.ph >= 0 && g.pw >= 0,
+              "deform (CPU): stride, dilation >= 1 and padding >= 0 required");
+  g.Ho = (g.H + 2 * g.ph - g.dh * (g.Kh - 1) - 1) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - g.dw * (g.Kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.Ho >= 0 && g.Wo >= 0 && g.H + 2 * g.ph - g.dh * (g.Kh - 1) - 1 >= 0 &&
+                  g.W + 2 * g.pw - g.dw * (g.Kw - 1) - 1 >= 0,
+              "deform (CPU): the input is smaller than the dilated kernel");
+  g.G = o.offset_groups, g.DG = o.data_groups;
+  TORCH_CHECK(g.G >= 1 && g.DG >= 1 && (g.C == 0 || (g.C % g.G == 0 && g.C % g.DG == 0)),
+              "deform (CPU): offset groups must divide the input channels");
+  check_offset(koff, input, "kernel_offset", 2 * g.G * g.K, g.Ho, g.Wo);
+  check_offset(doff, input, "data_offset", 2 * g.DG * g.K, g.Ho, g.Wo);
+  check_offset(mask, input, "mask", g.DG * g.K, g.Ho, g.Wo);
+  g.has_koff = present(koff), g.has_doff = present(doff), g.has_mask = present(mask);
+  g.depthwise = g.groups == g.C && g.O == g.C;
+  return g;
+}
+
+// Nothing to compute: some dimension is empty.
+bool empty_problem(const Geometry& g) {
+  return g.N == 0 || g.C == 0 || g.O == 0 || g.Ho == 0 || g.Wo == 0;
+}
+
+// ------------------------------------------------------------ effective weight
+// Without kernel offsets every tap samples a fixed scope position, so the
+// sampled kernel W~ = W A^T (A: K x S2 bilinear coefficients) replaces the
+// scope and the op becomes a rigid or deformable convolution with K taps.
+
+at::Tensor centred_coefficients(const Geometry& g, const at::TensorOptions& opts) {
+  std::vector<double> a(g.K * g.S2, 0.0);
+  for (int64_t ta = 0; ta < g.Kh; ++ta)
+    for (int64_t tb = 0; tb < g.Kw; ++tb) {
+      const auto c = math::bilinear_corners<double>(
+          math::scope_coordinate<double>(ta, g.Kh, g.Sh, 0.0),
+          math::scope_coordinate<double>(tb, g.Kw, g.Sw, 0.0), g.Sh, g.Sw);
+      for (int i = 0; i < 4; ++i)
+        if (c.index[i] >= 0) a[(ta * g.Kw + tb) * g.S2 + c.index[i]] += c.weight[i];
+    }
+  return at::tensor(a, at::TensorOptions().dtype(at::kDouble)).view({g.K, g.S2}).to(opts);
+}
+
+bool scope_is_kernel(const Geometry& g) { return g.Sh == g.Kh && g.Sw == g.Kw; }
+
+// Returns W~ and switches the geometry to the K-tap scope.
+at::Tensor centred_weight(Geometry& g, const at::Tensor& weight, at::Tensor* coeffs) {
+  if (scope_is_kernel(g)) return weight;
+  *coeffs = centred_coefficients(g, weight.options());
+  at::Tensor w = at::mm(weight.reshape({g.O * g.Cg, g.S2}), coeffs->t());
+  g.Sh = g.Kh, g.Sw = g.Kw, g.S2 = g.K;
+  return w.reshape({g.O, g.Cg, g.Kh, g.Kw});
+}
+
+// grad of W from grad of W~.
+at::Tensor scope_weight_grad(const at::Tensor& grad_wt, const at::Tensor& coeffs,
+                             const at::Tensor& weight) {
+  if (!coeffs.defined()) return grad_wt.reshape(weight.sizes());
+  const int64_t K = coeffs.size(0);
+  return at::mm(grad_wt.reshape({-1, K}), coeffs).reshape(weight.sizes());
+}
+
+// ------------------------------------------------------------ chunking
+
+struct Chunk {
+  int64_t n0, nc, y0, rows;
+  int64_t positions(const Geometry& g) const { return nc * rows * g.Wo; }
+};
+
+// Chunks of whole images, or of output rows of one image when a single image
+// would overflow chunk_bytes.
+std::vector<Chunk> plan_chunks(const Geometry& g, int64_t bytes_per_position,
+                               int64_t chunk_bytes) {
+  const int64_t budget = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, bytes_per_position));
+  std::vector<Chunk> out;
+  const int64_t per_image = g.Ho * g.Wo;
+  if (per_image <= budget) {
+    const int64_t step = std::min(g.N, budget / per_image);
+    for (int64_t n = 0; n < g.N; n += step) out.push_back({n, std::min(step, g.N - n), 0, g.Ho});
+  } else {
+    const int64_t rows = std::max<int64_t>(1, budget / g.Wo);
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t y = 0; y < g.Ho; y += rows) out.push_back({n, 1, y, std::min(rows, g.Ho - y)});
+  }
+  return out;
+}
+
+int64_t max_positions(const std::vector<Chunk>& chunks, const Geometry& g) {
+  int64_t m = 0;
+  for (const auto& c : chunks) m = std::max(m, c.positions(g));
+  return m;
+}
+
+// ------------------------------------------------------------ GEMM
+// oneDNN's 1x1 convolution over channels-last column rows runs ~3x faster
+// than at::mm on fp32 here; fp64 has no oneDNN kernel, so it uses at::mm.
+// ERFTOOL_CPU_GEMM=mm|conv overrides (for measurements).
+
+bool gemm_by_conv(at::ScalarType dtype) {
+  const char* env = std::getenv("ERFTOOL_CPU_GEMM");
+  if (env && std::strcmp(env, "mm") == 0) return false;
+  if (env && std::strcmp(env, "conv") == 0) return true;
+  return dtype == at::kFloat;
+}
+
+// col: (nc, rows, Wo, S2*C) rows; wp: (O, S2*Cg, 1, 1). Returns (nc, O, rows, Wo).
+at::Tensor gemm_forward(const at::Tensor& col, const at::Tensor& wp, int64_t groups) {
+  if (gemm_by_conv(col.scalar_type()))
+    return at::convolution(col.permute({0, 3, 1, 2}), wp, c10::nullopt, {1, 1}, {0, 0}, {1, 1},
+                           false, {0, 0}, groups);
+  const int64_t O = wp.size(0), k = wp.size(1);
+  const at::Tensor colm = col.reshape({-1, col.size(3)}), w2 = wp.view({O, k});
+  std::vector<at::Tensor> parts;
+  for (int64_t gi = 0; gi < groups; ++gi)
+    parts.push_back(at::mm(colm.narrow(1, gi * k, k), w2.narrow(0, gi * (O / groups), O / groups).t()));
+  at::Tensor res = groups == 1 ? parts[0] : at::cat(parts, 1);
+  return res.view({col.size(0), col.size(1), col.size(2), O}).permute({0, 3, 1, 2});
+}
+
+// Returns (G as (positions, S2*C) contiguous or undefined, grad of wp or undefined).
+std::tuple<at::Tensor, at::Tensor> gemm_backward(const at::Tensor& gout, const at::Tensor& col,
+                                                 const at::Tensor& wp, int64_t groups,
+                                                 bool need_g, bool need_w) {
+  const int64_t P = col.size(0) * col.size(1) * col.size(2), L = col.size(3);
+  if (gemm_by_conv(col.scalar_type())) {
+    auto res = at::convolution_backward(
+        gout.contiguous(at::MemoryFormat::ChannelsLast), col.permute({0, 3, 1, 2}), wp,
+        c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, groups, {need_g, need_w, false});
+    at::Tensor g = std::get<0>(res);
+    if (g.defined()) g = g.permute({0, 2, 3, 1}).contiguous().view({P, L});
+    return {g, std::get<1>(res)};
+  }
+  const int64_t O = wp.size(0), k = wp.size(1), Og = O / groups;
+  const at::Tensor gm = gout.permute({0, 2, 3, 1}).reshape({P, O});
+  const at::Tensor colm = col.reshape({P, L}), w2 = wp.view({O, k});
+  std::vector<at::Tensor> gs, ws;
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const at::Tensor go = gm.narrow(1, gi * Og, Og);
+    if (need_g) gs.push_back(at::mm(go, w2.narrow(0, gi * Og, Og)));
+    if (need_w) ws.push_back(at::mm(go.t(), colm.narrow(1, gi * k, k)));
+  }
+  at::Tensor g, w;
+  if (need_g) g = groups == 1 ? gs[0] : at::cat(gs, 1);
+  if (need_w) w = (groups == 1 ? ws[0] : at::cat(ws, 0)).view({O, k, 1, 1});
+  return {g, w};
+}
+
+// ------------------------------------------------------------ chunk contexts
+
+template <typename T>
+struct Tensors {
+  at::Tensor x;  // channels-last input
+  c10::optional<at::Tensor> koff, doff, mask;
+  at::Tensor wt;  // depthwise weight (S2, C)
+};
+
+template <typename T>
+Ctx<T> make_ctx(const Geometry& g, const std::vector<Segment>& segs, const Tensors<T>& t,
+                const Chunk& ch) {
+  Ctx<T> c;
+  c.g = &g;
+  c.segs = segs.data();
+  c.nsegs = static_cast<int64_t>(segs.size());
+  c.x = t.x.template data_ptr<T>();
+  c.koff = g.has_koff ? t.koff->template data_ptr<T>() : nullptr;
+  c.doff = g.has_doff ? t.doff->template data_ptr<T>() : nullptr;
+  c.mask = g.has_mask ? t.mask->template data_ptr<T>() : nullptr;
+  c.wt = t.wt.defined() ? t.wt.template data_ptr<T>() : nullptr;
+  c.n0 = ch.n0, c.nc = ch.nc, c.y0 = ch.y0, c.rows = ch.rows;
+  return c;
+}
+
+c10::optional<at::Tensor> contiguous_or_none(const c10::optional<at::Tensor>& t) {
+  if (!present(t)) return c10::nullopt;
+  return t->contiguous();
+}
+
+// Positions per parallel task: enough work to amortise the dispatch.
+int64_t position_grain(const Geometry& g) {
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.K * g.C));
+}
+
+at::Tensor chunk_view(const at::Tensor& t, const Chunk& ch) {
+  return t.narrow(0, ch.n0, ch.nc).narrow(2, ch.y0, ch.rows);
+}
+
+// (nc, rows, Wo, X) buffer as an (nc, X, rows, Wo) tensor.
+at::Tensor as_nchw(const at::Tensor& buf, const Chunk& ch, const Geometry& g) {
+  return buf.narrow(0, 0, ch.positions(g)).view({ch.nc, ch.rows, g.Wo, -1}).permute({0, 3, 1, 2});
+}
+
+// ------------------------------------------------------------ forward
+
+template <typename T>
+void forward_impl(const Geometry& g, const Tensors<T>& t, const at::Tensor& w,
+                  int64_t chunk_bytes, at::Tensor& out) {
+  const auto segs = make_segments(g);
+  const int64_t elt = sizeof(T), grain = position_grain(g);
+  const int64_t per_pos = g.depthwise ? 2 * g.C * elt : (g.row_len() + g.O) * elt;
+  const auto chunks = plan_chunks(g, per_pos, chunk_bytes);
+  const int64_t width = g.depthwise ? g.C : g.row_len();
+  at::Tensor buf = at::empty({max_positions(chunks, g), width}, out.options());
+  at::Tensor wp;
+  if (!g.depthwise)
+    wp = w.reshape({g.O, g.Cg, g.S2}).permute({0, 2, 1}).reshape({g.O, g.S2 * g.Cg, 1, 1}).contiguous();
+  T* bp = buf.data_ptr<T>();
+  for (const Chunk& ch : chunks) {
+    const Ctx<T> c = make_ctx(g, segs, t, ch);
+    at::parallel_for(0, ch.positions(g), grain, [&](int64_t b, int64_t e) {
+      if (g.depthwise)
+        depthwise_rows_isa<T>(c, b, e, bp);
+      else
+        build_rows_isa<T>(c, b, e, bp);
+    });
+    if (g.depthwise) {
+      chunk_view(out, ch).copy_(as_nchw(buf, ch, g));
+    } else {
+      const at::Tensor col = buf.narrow(0, 0, ch.positions(g)).view({ch.nc, ch.rows, g.Wo, width});
+      chunk_view(out, ch).copy_(gemm_forward(col, wp, g.groups));
+    }
+  }
+}
+
+Options make_options(at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                     int64_t offset_groups, int64_t data_groups, int64_t chunk_bytes) {
+  return {kernel_size.vec(), stride.vec(), padding.vec(), dilation.vec(),
+          groups,            offset_groups, data_groups,  chunk_bytes};
+}
+
+at::Tensor deform_forward_cpu(const at::Tensor& input_, const at::Tensor& weight_,
+                              const c10::optional<at::Tensor>& koff_,
+                              const c10::optional<at::Tensor>& doff_,
+                              const c10::optional<at::Tensor>& mask_, at::IntArrayRef kernel_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups, int64_t offset_groups,
+                              int64_t data_groups, int64_t chunk_bytes) {
+  const Options o = make_options(kernel_size, stride, padding, dilation, groups, offset_groups,
+                                 data_groups, chunk_bytes);
+  Geometry g = make_geometry(input_, weight_, koff_, doff_, mask_, o);
+  at::Tensor out = at::zeros({g.N, g.O, g.Ho, g.Wo}, input_.options());
+  if (empty_problem(g)) return out;
+  const at::Tensor input = input_.contiguous();
+  at::Tensor coeffs, w = weight_.contiguous();
+  if (!g.has_koff) w = centred_weight(g, w, &coeffs);
+  if (!g.has_koff && !g.has_doff && !g.has_mask)  // a rigid convolution
+    return at::convolution(input, w, c10::nullopt, o.stride, o.padding, o.dilation, false, {0, 0}, groups);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "erftool_deform_forward_cpu", [&] {
+    Tensors<scalar_t> t;
+    t.x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    t.koff = contiguous_or_none(koff_);
+    t.doff = contiguous_or_none(doff_);
+    t.mask = contiguous_or_none(mask_);
+    if (g.depthwise) t.wt = w.reshape({g.C, g.S2}).t().contiguous();
+    forward_impl<scalar_t>(g, t, w, chunk_bytes, out);
+  });
+  return out;
+}
+
+// ------------------------------------------------------------ backward
+
+struct Needs {
+  bool input, weight, koff, doff, mask;
+  bool any_g() const { return input || koff || doff || mask; }
+  bool offsets() const { return koff || doff || mask; }
+};
+
+template <typename T>
+struct Grads {
+  at::Tensor input_cl;  // (N, H, W, C) accumulated
+  at::Tensor koff, doff, mask;
+  OffsetGrads<T> ptrs() const {
+    return {koff.defined() ? koff.data_ptr<T>() : nullptr,
+            doff.defined() ? doff.data_ptr<T>() : nullptr,
+            mask.defined() ? mask.data_ptr<T>() : nullptr};
+  }
+};
+
+// Fused passes that turn the column gradient of one chunk into the input,
+// offset and mask gradients.
+template <typename T, typename Grad>
+void gradients_from_columns(const Geometry& g, const Ctx<T>& c, const Grad& gr,
+                            const Needs& need, Grads<T>& out) {
+  const int64_t P = c.positions();
+  if (need.offsets()) {
+    const OffsetGrads<T> og = out.ptrs();
+    at::parallel_for(0, P, position_grain(g), [&](int64_t b, int64_t e) {
+      offset_grad_rows_isa<T>(c, gr, og, b, e);
+    });
+  }
+  if (!need.input) return;
+  T* gin = out.input_cl.template data_ptr<T>();
+  if (!g.has_doff) {
+    const int64_t lo = std::max<int64_t>(0, c.y0 * g.sh - g.ph);
+    const int64_t hi = std::min<int64_t>(g.H, (c.y0 + c.rows - 1) * g.sh - g.ph + (g.Kh - 1) * g.dh + 1);
+    if (hi <= lo) return;
+    at::parallel_for(0, c.nc * (hi - lo), 1, [&](int64_t b, int64_t e) {
+      input_grad_gather_isa<T>(c, gr, lo, hi, b, e, gin);
+    });
+  } else {
+    // Channel tiles small enough to keep both threads busy on few images.
+    int64_t tile = g.C;
+    while (tile > 16 && c.nc * ((g.C + tile - 1) / tile) < 4 * at::get_num_threads()) tile = (tile + 1) / 2;
+    const int64_t tasks = c.nc * ((g.C + tile - 1) / tile);
+    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+      input_grad_scatter_isa<T>(c, gr, tile, b, e, gin);
+    });
+  }
+}
+
+template <typename T>
+at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Tensor& w,
+                            const at::Tensor& grad_out, int64_t chunk_bytes, const Needs& need,
+                            Grads<T>& out) {
+  const auto segs = make_segments(g);
+  const int64_t elt = sizeof(T), L = g.row_len();
+  const auto chunks = plan_chunks(g, (2 * L + 2 * g.O) * elt, chunk_bytes);
+  const at::Tensor wp =
+      w.reshape({g.O, g.Cg, g.S2}).permute({0, 2, 1}).reshape({g.O, g.S2 * g.Cg, 1, 1}).contiguous();
+  at::Tensor col = at::empty({max_positions(chunks, g), L}, grad_out.options());
+  at::Tensor gwp = need.weight ? at::zeros_like(wp) : at::Tensor();
+  for (const Chunk& ch : chunks) {
+    const Ctx<T> c = make_ctx(g, segs, t, ch);
+    const int64_t P = ch.positions(g);
+    if (need.weight) {
+      T* cp = col.data_ptr<T>();
+      at::parallel_for(0, P, position_grain(g), [&](int64_t b, int64_t e) {
+        build_rows_isa<T>(c, b, e, cp);
+      });
+    }
+    const at::Tensor colv = col.narrow(0, 0, P).view({ch.nc, ch.rows, g.Wo, L});
+    at::Tensor gcol, gw;
+    std::tie(gcol, gw) =
+        gemm_backward(chunk_view(grad_out, ch), colv, wp, g.groups, need.any_g(), need.weight);
+    if (need.weight) gwp.add_(gw);
+    if (need.any_g()) {
+      const DenseGrad<T> gr{gcol.data_ptr<T>(), L, g.sstride()};
+      gradients_from_columns(g, c, gr, need, out);
+    }
+  }
+  if (!need.weight) return at::Tensor();
+  return gwp.view({g.O, g.S2, g.Cg}).permute({0, 2, 1}).reshape({g.O, g.Cg, g.Sh, g.Sw});
+}
+
+// Depthwise weight gradient of one chunk: fixed position blocks with their
+// own partial sums, reduced in order, so the result does not depend on the
+// thread count.
+template <typename T>
+void depthwise_weight_chunk(const Ctx<T>& c, const T* gout, at::Tensor& acc) {
+  const Geometry& g = *c.g;
+  const int64_t P = c.positions(), nblocks = std::min<int64_t>(P, 32);
+  const int64_t per = (P + nblocks - 1) / nblocks;
+  at::Tensor part = at::zeros({nblocks, g.S2, g.C}, acc.options());
+  T* pp = part.data_ptr<T>();
+  at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k)
+      depthwise_weight_grad_isa<T>(c, gout, k * per, std::min(P, (k + 1) * per),
+                                   pp + k * g.S2 * g.C);
+  });
+  acc.add_(part.sum(0));
+}
+
+template <typename T>
+at::Tensor backward_depthwise(const Geometry& g, const Tensors<T>& t, const at::Tensor& grad_out,
+                              int64_t chunk_bytes, const Needs& need, Grads<T>& out) {
+  const auto segs = make_segments(g);
+  const auto chunks = plan_chunks(g, 2 * g.C * static_cast<int64_t>(sizeof(T)), chunk_bytes);
+  at::Tensor gwt = need.weight ? at::zeros({g.S2, g.C}, grad_out.options()) : at::Tensor();
+  for (const Chunk& ch : chunks) {
+    const Ctx<T> c = make_ctx(g, segs, t, ch);
+    const at::Tensor gcl = chunk_view(grad_out, ch).permute({0, 2, 3, 1}).contiguous();
+    const DepthwiseGrad<T> gr{gcl.data_ptr<T>(), c.wt, g.C};
+    if (need.weight) depthwise_weight_chunk(c, gcl.data_ptr<T>(), gwt);
+    if (need.any_g()) gradients_from_columns(g, c, gr, need, out);
+  }
+  if (!need.weight) return at::Tensor();
+  return gwt.t().reshape({g.C, 1, g.Sh, g.Sw});
+}
+
+using GradTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+GradTuple deform_backward_cpu(const at::Tensor& grad_out_, const at::Tensor& input_,
+                              const at::Tensor& weight_, const c10::optional<at::Tensor>& koff_,
+                              const c10::optional<at::Tensor>& doff_,
+                              const c10::optional<at::Tensor>& mask_, at::IntArrayRef kernel_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups, int64_t offset_groups,
+                              int64_t data_groups, int64_t chunk_bytes,
+                              std::array<bool, 5> output_mask) {
+  const Options o = make_options(kernel_size, stride, padding, dilation, groups, offset_groups,
+                                 data_groups, chunk_bytes);
+  Geometry g = make_geometry(input_, weight_, koff_, doff_, mask_, o);
+  check_tensor(grad_out_, input_, "grad_output", 4);
+  TORCH_CHECK(grad_out_.size(0) == g.N && grad_out_.size(1) == g.O && grad_out_.size(2) == g.Ho &&
+                  grad_out_.size(3) == g.Wo,
+              "deform (CPU): grad_output must be (", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo,
+              "), got ", grad_out_.sizes());
+  const Needs need{output_mask[0], output_mask[1], output_mask[2] && g.has_koff,
+                   output_mask[3] && g.has_doff, output_mask[4] && g.has_mask};
+  at::Tensor gi, gw, gk, gd, gm;
+  if (need.koff) gk = at::zeros_like(*koff_, at::MemoryFormat::Contiguous);
+  if (need.doff) gd = at::zeros_like(*doff_, at::MemoryFormat::Contiguous);
+  if (need.mask) gm = at::zeros_like(*mask_, at::MemoryFormat::Contiguous);
+  if (empty_problem(g)) {
+    if (need.input) gi = at::zeros_like(input_, at::MemoryFormat::Contiguous);
+    if (need.weight) gw = at::zeros_like(weight_, at::MemoryFormat::Contiguous);
+    return {gi, gw, gk, gd, gm};
+  }
+  const at::Tensor input = input_.contiguous(), grad_out = grad_out_.contiguous();
+  const at::Tensor weight = weight_.contiguous();
+  at::Tensor coeffs, w = weight;
+  if (!g.has_koff) w = centred_weight(g, w, &coeffs);
+  if (!g.has_koff && !g.has_doff && !g.has_mask) {  // a rigid convolution
+    auto r = at::convolution_backward(grad_out, input, w, c10::nullopt, o.stride, o.padding,
+                                      o.dilation, false, {0, 0}, groups,
+                                      {need.input, need.weight, false});
+    if (need.input) gi = std::get<0>(r).contiguous();
+    if (need.weight) gw = scope_weight_grad(std::get<1>(r), coeffs, weight);
+    return {gi, gw, gk, gd, gm};
+  }
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "erftool_deform_backward_cpu", [&] {
+    Tensors<scalar_t> t;
+    t.x = input.contiguous(at::MemoryFormat::ChannelsLast);
+    t.koff = contiguous_or_none(koff_);
+    t.doff = contiguous_or_none(doff_);
+    t.mask = contiguous_or_none(mask_);
+    if (g.depthwise) t.wt = w.reshape({g.C, g.S2}).t().contiguous();
+    Grads<scalar_t> out;
+    if (need.input) out.input_cl = at::zeros({g.N, g.H, g.W, g.C}, input.options());
+    out.koff = gk, out.doff = gd, out.mask = gm;
+    at::Tensor gwk = g.depthwise
+                         ? backward_depthwise<scalar_t>(g, t, grad_out, chunk_bytes, need, out)
+                         : backward_general<scalar_t>(g, t, w, grad_out, chunk_bytes, need, out);
+    if (need.weight) gw = scope_weight_grad(gwk, coeffs, weight);
+    if (need.input) gi = out.input_cl.permute({0, 3, 1, 2}).contiguous();
+  });
+  return {gi, gw, gk, gd, gm};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace erftool
+
+TORCH_LIBRARY_IMPL(erftool_native, CPU, m) {
+  m.impl("deform_forward", &erftool::cpu::deform_forward_cpu);
+  m.impl("deform_backward", &erftool::cpu::deform_backward_cpu);
+}

@@ -1,0 +1,491 @@
+// Per-position CPU kernels of the column-form deformable operator.
+//
+// Torch-free: plain pointers and the shared math of deform_math.h. Tensors
+// are channels-last here (input (H, W, C) per image) so that the innermost
+// loops run over channels that share one set of bilinear coefficients: the
+// coefficients of a (position, tap, group) are computed once and reused over
+// the group's channels, and the channel loops vectorise.
+//
+// A column row (one output position) holds S2 * C values. Its layout is
+// (weight group, scope cell, channel in group) so that a grouped 1x1
+// convolution over the rows is the GEMM, or (scope cell, channel) for the
+// depthwise path, which never materialises the rows. Either way a Segment
+// (a channel range with one weight, kernel-offset and data group) maps to
+// row[colbase + s * sstride + (c - c0)].
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "erftool/deform_math.h"
+
+#if defined(__GNUC__)
+#define ERFTOOL_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ERFTOOL_ALWAYS_INLINE inline
+#endif
+
+namespace erftool {
+namespace cpu {
+
+using math::BilinearCorners;
+
+struct Geometry {
+  int64_t N, C, H, W;          // input
+  int64_t O, groups, Cg, Og;   // output channels, weight groups
+  int64_t Kh, Kw, K;           // kernel taps
+  int64_t Sh, Sw, S2;          // scope (the weight's spatial shape)
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t Ho, Wo;
+  int64_t G, DG;               // kernel-offset and data-offset groups
+  bool has_koff, has_doff, has_mask;
+  bool depthwise;              // (scope, channel) rows, no GEMM
+
+  int64_t plane() const { return Ho * Wo; }
+  int64_t row_len() const { return S2 * C; }
+  int64_t sstride() const { return depthwise ? C : Cg; }
+};
+
+struct Segment {
+  int64_t c0, c1;   // channel range [c0, c1)
+  int64_t kg, dg;   // kernel-offset group, data group
+  int64_t colbase;  // column-row index of (c0, scope cell 0)
+};
+
+// Split the channels at every weight-, kernel-offset- and data-group border.
+inline std::vector<Segment> make_segments(const Geometry& g) {
+  std::vector<int64_t> cuts;
+  const int64_t ckg = g.C / g.G, cdg = g.C / g.DG;
+  for (int64_t c = 0; c <= g.C; ++c) {
+    const bool wcut = !g.depthwise && c % g.Cg == 0;
+    if (c == 0 || c == g.C || c % ckg == 0 || c % cdg == 0 || wcut) cuts.push_back(c);
+  }
+  std::vector<Segment> segs;
+  for (size_t i = 0; i + 1 < cuts.size(); ++i) {
+    Segment s;
+    s.c0 = cuts[i];
+    s.c1 = cuts[i + 1];
+    s.kg = s.c0 / ckg;
+    s.dg = s.c0 / cdg;
+    if (g.depthwise) {
+      s.colbase = s.c0;
+    } else {
+      const int64_t wg = s.c0 / g.Cg;
+      s.colbase = wg * g.S2 * g.Cg + (s.c0 - wg * g.Cg);
+    }
+    segs.push_back(s);
+  }
+  return segs;
+}
+
+// ---------------------------------------------------------------- vector loops
+
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void axpy(int64_t n, T a, const T* __restrict x, T* __restrict y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// y += a * x1 * x2 (elementwise).
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void axpy2(int64_t n, T a, const T* __restrict x1,
+                                 const T* __restrict x2, T* __restrict y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x1[i] * x2[i];
+}
+
+template <typename T>
+ERFTOOL_ALWAYS_INLINE T dot(int64_t n, const T* __restrict a, const T* __restrict b) {
+  T s = T(0);
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+ERFTOOL_ALWAYS_INLINE T dot3(int64_t n, const T* __restrict a, const T* __restrict b,
+                             const T* __restrict c) {
+  T s = T(0);
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i] * c[i];
+  return s;
+}
+
+// ---------------------------------------------------------------- tap sampling
+
+// Everything the kernels read, for one chunk of (images x output rows).
+template <typename T>
+struct Ctx {
+  const Geometry* g;
+  const Segment* segs;
+  int64_t nsegs;
+  const T* x;       // input, (N, H, W, C)
+  const T* koff;    // (N, 2*G*K, Ho, Wo) or null
+  const T* doff;    // (N, 2*DG*K, Ho, Wo) or null
+  const T* mask;    // (N, DG*K, Ho, Wo) or null
+  const T* wt;      // depthwise: sampled-from weight as (S2, C)
+  int64_t n0, nc, y0, rows;  // the chunk
+
+  int64_t positions() const { return nc * rows * g->Wo; }
+  const T* image(int64_t n) const { return x + n * g->H * g->W * g->C; }
+};
+
+// Per-task scratch: corners of every group for the current tap, channel buffers.
+template <typename T>
+struct Scratch {
+  std::vector<BilinearCorners<T>> kc, dc;
+  std::vector<T> m, v;
+  explicit Scratch(const Geometry& g)
+      : kc(g.G), dc(g.DG), m(g.DG), v(std::max<int64_t>(g.C, 1)) {}
+};
+
+// Corners of the rigid tap pixel as a one-corner BilinearCorners (no derivative).
+template <typename T>
+ERFTOOL_ALWAYS_INLINE BilinearCorners<T> pixel_corner(int64_t iy, int64_t ix, int64_t H,
+                                                      int64_t W) {
+  BilinearCorners<T> c;
+  for (int i = 0; i < 4; ++i) {
+    c.index[i] = -1;
+    c.weight[i] = T(0);
+    c.d_dy[i] = T(0);
+    c.d_dx[i] = T(0);
+  }
+  if (iy >= 0 && iy < H && ix >= 0 && ix < W) {
+    c.index[0] = iy * W + ix;
+    c.weight[0] = T(1);
+  }
+  return c;
+}
+
+// Scope and data corners (plus mask) of tap (a, b) at output (n, y, x), for
+// every kernel-offset group and data group, into s.kc / s.dc / s.m.
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void sample_tap(const Ctx<T>& c, int64_t n, int64_t y, int64_t x,
+                                      int64_t a, int64_t b, Scratch<T>& s) {
+  const Geometry& g = *c.g;
+  const int64_t P = g.plane(), q = y * g.Wo + x, t = a * g.Kw + b;
+  for (int64_t kg = 0; kg < g.G; ++kg) {
+    T dr = T(0), dc = T(0);
+    if (c.koff) {
+      const T* p = c.koff + (n * 2 * g.G * g.K + kg * 2 * g.K + 2 * t) * P + q;
+      dr = p[0];
+      dc = p[P];
+    }
+    s.kc[kg] = math::bilinear_corners<T>(math::scope_coordinate<T>(a, g.Kh, g.Sh, dr),
+                                         math::scope_coordinate<T>(b, g.Kw, g.Sw, dc),
+                                         g.Sh, g.Sw);
+  }
+  const int64_t iy = y * g.sh - g.ph + a * g.dh, ix = x * g.sw - g.pw + b * g.dw;
+  for (int64_t dg = 0; dg < g.DG; ++dg) {
+    if (c.doff) {
+      const T* p = c.doff + (n * 2 * g.DG * g.K + dg * 2 * g.K + 2 * t) * P + q;
+      s.dc[dg] = math::bilinear_corners<T>(static_cast<T>(iy) + p[0],
+                                           static_cast<T>(ix) + p[P], g.H, g.W);
+    } else {
+      s.dc[dg] = pixel_corner<T>(iy, ix, g.H, g.W);
+    }
+    s.m[dg] = c.mask ? c.mask[(n * g.DG * g.K + dg * g.K + t) * P + q] : T(1);
+  }
+}
+
+// m * (bilinear sample) of one tap over channels [c0, c0 + len). Points
+// straight into the input when the tap sits on one pixel with unit weight,
+// else fills buf; null when the tap reads nothing.
+template <typename T>
+ERFTOOL_ALWAYS_INLINE const T* tap_values(const BilinearCorners<T>& d, T m, const T* img,
+                                          int64_t C, int64_t c0, int64_t len, T* buf) {
+  int count = 0, last = -1;
+  for (int j = 0; j < 4; ++j)
+    if (d.index[j] >= 0 && d.weight[j] != T(0)) ++count, last = j;
+  if (count == 0) return nullptr;
+  if (count == 1 && d.weight[last] * m == T(1)) return img + d.index[last] * C + c0;
+  std::fill(buf, buf + len, T(0));
+  for (int j = 0; j < 4; ++j)
+    if (d.index[j] >= 0 && d.weight[j] != T(0))
+      axpy(len, m * d.weight[j], img + d.index[j] * C + c0, buf);
+  return buf;
+}
+
+// Decode a chunk-linear position p into image n and output (y, x).
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void decode(const Ctx<T>& c, int64_t p, int64_t* n, int64_t* y,
+                                  int64_t* x) {
+  const int64_t Wo = c.g->Wo, per_image = c.rows * Wo;
+  *n = c.n0 + p / per_image;
+  *y = c.y0 + (p % per_image) / Wo;
+  *x = p % Wo;
+}
+
+// ---------------------------------------------------------------- forward
+
+// Column rows of positions [p0, p1): every tap scattered into its <= 4 scope cells.
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void build_rows(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
+  const Geometry& g = *c.g;
+  Scratch<T> s(g);
+  const int64_t ss = g.sstride(), len_row = g.row_len();
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t n, y, x;
+    decode(c, p, &n, &y, &x);
+    T* row = col + p * len_row;
+    std::fill(row, row + len_row, T(0));
+    const T* img = c.image(n);
+    for (int64_t a = 0; a < g.Kh; ++a)
+      for (int64_t b = 0; b < g.Kw; ++b) {
+        sample_tap(c, n, y, x, a, b, s);
+        for (int64_t i = 0; i < c.nsegs; ++i) {
+          const Segment& sg = c.segs[i];
+          const int64_t len = sg.c1 - sg.c0;
+          const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, g.C, sg.c0, len, s.v.data());
+          if (!v) continue;
+          const BilinearCorners<T>& k = s.kc[sg.kg];
+          for (int j = 0; j < 4; ++j)
+            if (k.index[j] >= 0 && k.weight[j] != T(0))
+              axpy(len, k.weight[j], v, row + sg.colbase + k.index[j] * ss);
+        }
+      }
+  }
+}
+
+// Depthwise forward, no column rows: out[p, c] = sum_taps value * sampled weight.
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void depthwise_rows(const Ctx<T>& c, int64_t p0, int64_t p1, T* out) {
+  const Geometry& g = *c.g;
+  Scratch<T> s(g);
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t n, y, x;
+    decode(c, p, &n, &y, &x);
+    T* o = out + p * g.C;
+    std::fill(o, o + g.C, T(0));
+    const T* img = c.image(n);
+    for (int64_t a = 0; a < g.Kh; ++a)
+      for (int64_t b = 0; b < g.Kw; ++b) {
+        sample_tap(c, n, y, x, a, b, s);
+        for (int64_t i = 0; i < c.nsegs; ++i) {
+          const Segment& sg = c.segs[i];
+          const int64_t len = sg.c1 - sg.c0;
+          const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, g.C, sg.c0, len, s.v.data());
+          if (!v) continue;
+          const BilinearCorners<T>& k = s.kc[sg.kg];
+          for (int j = 0; j < 4; ++j)
+            if (k.index[j] >= 0 && k.weight[j] != T(0))
+              axpy2(len, k.weight[j], v, c.wt + sg.colbase + k.index[j] * g.C, o + sg.c0);
+        }
+      }
+  }
+}
+
+// ---------------------------------------------------------------- backward
+
+// Gradient of the column rows, G[p][colbase + s * sstride + c], read densely
+// from a buffer (general path).
+template <typename T>
+struct DenseGrad {
+  const T* g;
+  int64_t row_len, ss;
+  // sum_c x[c] * G[p][s][c] over the segment channels [cs, cs + len)
+  ERFTOOL_ALWAYS_INLINE T dot_cell(int64_t p, const Segment& sg, int64_t cs, int64_t len,
+                                   int64_t s, const T* x) const {
+    return dot(len, x, g + p * row_len + sg.colbase + (cs - sg.c0) + s * ss);
+  }
+  // dst[c] += scale * sum_j w_j G[p][s_j][c]: the gradient of the tap value.
+  ERFTOOL_ALWAYS_INLINE void tap_grad(int64_t p, const Segment& sg, int64_t cs, int64_t len,
+                                      const BilinearCorners<T>& k, T scale, T* dst) const {
+    const T* row = g + p * row_len + sg.colbase + (cs - sg.c0);
+    for (int j = 0; j < 4; ++j)
+      if (k.index[j] >= 0 && k.weight[j] != T(0))
+        axpy(len, scale * k.weight[j], row + k.index[j] * ss, dst);
+  }
+};
+
+// Depthwise: G[p][s][c] = grad_out[p][c] * Wt[s][c], never materialised.
+template <typename T>
+struct DepthwiseGrad {
+  const T* gout;  // (positions, C)
+  const T* wt;    // (S2, C)
+  int64_t C;
+  ERFTOOL_ALWAYS_INLINE T dot_cell(int64_t p, const Segment&, int64_t cs, int64_t len,
+                                   int64_t s, const T* x) const {
+    return dot3(len, x, gout + p * C + cs, wt + s * C + cs);
+  }
+  ERFTOOL_ALWAYS_INLINE void tap_grad(int64_t p, const Segment&, int64_t cs, int64_t len,
+                                      const BilinearCorners<T>& k, T scale, T* dst) const {
+    for (int j = 0; j < 4; ++j)
+      if (k.index[j] >= 0 && k.weight[j] != T(0))
+        axpy2(len, scale * k.weight[j], gout + p * C + cs, wt + k.index[j] * C + cs, dst);
+  }
+};
+
+// Output tensors of the fused offset / mask gradient pass (null = not wanted).
+template <typename T>
+struct OffsetGrads {
+  T* koff;  // (N, 2*G*K, Ho, Wo)
+  T* doff;  // (N, 2*DG*K, Ho, Wo)
+  T* mask;  // (N, DG*K, Ho, Wo)
+};
+
+// Kernel-offset, data-offset and mask gradients of positions [p0, p1), each a
+// reduction over its group's channels (gather form, no atomics). Built from
+// f_ij = sum_c X_j[c] G[s_i][c] for scope corner i and data corner j.
+template <typename T, typename Grad>
+ERFTOOL_ALWAYS_INLINE void offset_grad_rows(const Ctx<T>& c, const Grad& gr,
+                                            const OffsetGrads<T>& out, int64_t p0,
+                                            int64_t p1) {
+  const Geometry& g = *c.g;
+  Scratch<T> s(g);
+  const int64_t P = g.plane();
+  std::vector<T> gk(2 * g.G), gd(2 * g.DG), gm(g.DG);
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t n, y, x;
+    decode(c, p, &n, &y, &x);
+    const int64_t q = y * g.Wo + x;
+    const T* img = c.image(n);
+    for (int64_t a = 0; a < g.Kh; ++a)
+      for (int64_t b = 0; b < g.Kw; ++b) {
+        const int64_t t = a * g.Kw + b;
+        sample_tap(c, n, y, x, a, b, s);
+        std::fill(gk.begin(), gk.end(), T(0));
+        std::fill(gd.begin(), gd.end(), T(0));
+        std::fill(gm.begin(), gm.end(), T(0));
+        for (int64_t si = 0; si < c.nsegs; ++si) {
+          const Segment& sg = c.segs[si];
+          const int64_t len = sg.c1 - sg.c0;
+          const BilinearCorners<T>& k = s.kc[sg.kg];
+          const BilinearCorners<T>& d = s.dc[sg.dg];
+          const T m = s.m[sg.dg];
+          for (int i = 0; i < 4; ++i) {
+            if (k.index[i] < 0) continue;
+            T e = T(0), hy = T(0), hx = T(0);
+            for (int j = 0; j < 4; ++j) {
+              if (d.index[j] < 0) continue;
+              const T f = gr.dot_cell(p, sg, sg.c0, len, k.index[i], img + d.index[j] * g.C + sg.c0);
+              e += d.weight[j] * f;
+              hy += d.d_dy[j] * f;
+              hx += d.d_dx[j] * f;
+            }
+            gk[2 * sg.kg] += m * k.d_dy[i] * e;
+            gk[2 * sg.kg + 1] += m * k.d_dx[i] * e;
+            gm[sg.dg] += k.weight[i] * e;
+            gd[2 * sg.dg] += m * k.weight[i] * hy;
+            gd[2 * sg.dg + 1] += m * k.weight[i] * hx;
+          }
+        }
+        if (out.koff)
+          for (int64_t kg = 0; kg < g.G; ++kg) {
+            T* o = out.koff + (n * 2 * g.G * g.K + kg * 2 * g.K + 2 * t) * P + q;
+            o[0] = gk[2 * kg];
+            o[P] = gk[2 * kg + 1];
+          }
+        for (int64_t dg = 0; dg < g.DG; ++dg) {
+          if (out.doff) {
+            T* o = out.doff + (n * 2 * g.DG * g.K + dg * 2 * g.K + 2 * t) * P + q;
+            o[0] = gd[2 * dg];
+            o[P] = gd[2 * dg + 1];
+          }
+          if (out.mask) out.mask[(n * g.DG * g.K + dg * g.K + t) * P + q] = gm[dg];
+        }
+      }
+  }
+}
+
+// Input gradient on a rigid data grid, gather form: each input pixel of rows
+// task = (image in chunk, input row) sums over the taps that read it. Tasks
+// [t0, t1) of nc * (iy_hi - iy_lo); gin is (N, H, W, C) and is accumulated.
+template <typename T, typename Grad>
+ERFTOOL_ALWAYS_INLINE void input_grad_gather(const Ctx<T>& c, const Grad& gr, int64_t iy_lo,
+                                             int64_t iy_hi, int64_t t0, int64_t t1, T* gin) {
+  const Geometry& g = *c.g;
+  Scratch<T> s(g);
+  const int64_t nrows = iy_hi - iy_lo;
+  for (int64_t task = t0; task < t1; ++task) {
+    const int64_t ni = task / nrows, iy = iy_lo + task % nrows, n = c.n0 + ni;
+    for (int64_t ix = 0; ix < g.W; ++ix) {
+      T* dst = gin + ((n * g.H + iy) * g.W + ix) * g.C;
+      for (int64_t a = 0; a < g.Kh; ++a) {
+        const int64_t ynum = iy + g.ph - a * g.dh;
+        if (ynum < 0 || ynum % g.sh != 0) continue;
+        const int64_t y = ynum / g.sh;
+        if (y < c.y0 || y >= c.y0 + c.rows) continue;
+        for (int64_t b = 0; b < g.Kw; ++b) {
+          const int64_t xnum = ix + g.pw - b * g.dw;
+          if (xnum < 0 || xnum % g.sw != 0) continue;
+          const int64_t x = xnum / g.sw;
+          if (x >= g.Wo) continue;
+          const int64_t p = (ni * c.rows + (y - c.y0)) * g.Wo + x;
+          sample_tap(c, n, y, x, a, b, s);
+          for (int64_t si = 0; si < c.nsegs; ++si) {
+            const Segment& sg = c.segs[si];
+            gr.tap_grad(p, sg, sg.c0, sg.c1 - sg.c0, s.kc[sg.kg], s.m[sg.dg], dst + sg.c0);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Input gradient with data offsets: a scatter into <= 4 pixels per tap. Each
+// task owns (image in chunk, channel tile) of gin, so no two threads write
+// the same element and the summation order is fixed.
+template <typename T, typename Grad>
+ERFTOOL_ALWAYS_INLINE void input_grad_scatter(const Ctx<T>& c, const Grad& gr, int64_t tile,
+                                              int64_t t0, int64_t t1, T* gin) {
+  const Geometry& g = *c.g;
+  Scratch<T> s(g);
+  const int64_t ntiles = (g.C + tile - 1) / tile, per_image = c.rows * g.Wo;
+  for (int64_t task = t0; task < t1; ++task) {
+    const int64_t ni = task / ntiles, lo = (task % ntiles) * tile;
+    const int64_t hi = std::min(g.C, lo + tile), n = c.n0 + ni;
+    T* gimg = gin + n * g.H * g.W * g.C;
+    for (int64_t pp = 0; pp < per_image; ++pp) {
+      const int64_t p = ni * per_image + pp, y = c.y0 + pp / g.Wo, x = pp % g.Wo;
+      for (int64_t a = 0; a < g.Kh; ++a)
+        for (int64_t b = 0; b < g.Kw; ++b) {
+          sample_tap(c, n, y, x, a, b, s);
+          for (int64_t si = 0; si < c.nsegs; ++si) {
+            const Segment& sg = c.segs[si];
+            const int64_t cs = std::max(sg.c0, lo), ce = std::min(sg.c1, hi);
+            if (cs >= ce) continue;
+            const BilinearCorners<T>& d = s.dc[sg.dg];
+            if (d.index[0] < 0 && d.index[1] < 0 && d.index[2] < 0 && d.index[3] < 0) continue;
+            const int64_t len = ce - cs;
+            T* v = s.v.data();
+            std::fill(v, v + len, T(0));
+            gr.tap_grad(p, sg, cs, len, s.kc[sg.kg], s.m[sg.dg], v);
+            for (int j = 0; j < 4; ++j)
+              if (d.index[j] >= 0 && d.weight[j] != T(0))
+                axpy(len, d.weight[j], v, gimg + d.index[j] * g.C + cs);
+          }
+        }
+    }
+  }
+}
+
+// Depthwise weight gradient of positions [p0, p1) added into acc (S2, C).
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void depthwise_weight_grad(const Ctx<T>& c, const T* gout, int64_t p0,
+                                                 int64_t p1, T* acc) {
+  const Geometry& g = *c.g;
+  Scratch<T> s(g);
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t n, y, x;
+    decode(c, p, &n, &y, &x);
+    const T* img = c.image(n);
+    const T* go = gout + p * g.C;
+    for (int64_t a = 0; a < g.Kh; ++a)
+      for (int64_t b = 0; b < g.Kw; ++b) {
+        sample_tap(c, n, y, x, a, b, s);
+        for (int64_t i = 0; i < c.nsegs; ++i) {
+          const Segment& sg = c.segs[i];
+          const int64_t len = sg.c1 - sg.c0;
+          const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, g.C, sg.c0, len, s.v.data());
+          if (!v) continue;
+          const BilinearCorners<T>& k = s.kc[sg.kg];
+          for (int j = 0; j < 4; ++j)
+            if (k.index[j] >= 0 && k.weight[j] != T(0))
+              axpy2(len, k.weight[j], v, go + sg.c0, acc + sg.c0 + k.index[j] * g.C);
+        }
+      }
+  }
+}
+
+}  // namespace cpu
+}  // namespace erftool
