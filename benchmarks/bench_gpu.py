@@ -1,0 +1,255 @@
+"""GPU benchmarks of erftool's native CUDA operators against cuDNN conv2d.
+
+Measures, per shape and dtype, forward and forward+backward medians (CUDA
+events, after warm-up) of
+  * conv2d           torch.nn.functional.conv2d, 3x3 (cuDNN, benchmark mode): the anchor
+  * local DK         erftool.ops.deform_kernel2d, scope 4x4, per-location offsets
+  * global DK        erftool.ops.deform_kernel2d, scope 4x4, per-image offsets
+  * DC               erftool.ops.deform_conv2d (DCNv2 with mask)
+  * DK+DC            deform_kernel2d with kernel and data offsets
+  * torchvision DC   torchvision.ops.deform_conv2d, when torchvision is installed
+and reports the ratios to conv2d against the targets (local DK forward
+<= 2.5x, global DK forward <= 1.3x).
+
+TF32 is pinned (--tf32 off|on, default off) for cuBLAS and cuDNN alike and
+reported with the results. Usage:
+    python benchmarks/bench_gpu.py --out gpu-results [--quick] [--dtypes float32,bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import erftool.ops as ops  # noqa: E402
+from erftool.ops import _native  # noqa: E402
+
+TARGETS = {"local_dk": 2.5, "global_dk": 1.3}
+
+# (name, N, C_in, C_out, H=W): ResNet-stage-like shapes, 3x3 kernels, stride 1, pad 1.
+SHAPES = [
+    ("r2_56x56_c64", 32, 64, 64, 56),
+    ("r3_28x28_c128", 32, 128, 128, 28),
+    ("r4_14x14_c256", 32, 256, 256, 14),
+    ("r5_7x7_c512", 32, 512, 512, 7),
+]
+QUICK_SHAPES = [SHAPES[1], SHAPES[2]]
+
+
+def timed(fn, warmup: int, reps: int) -> float:
+    """Median milliseconds of fn() measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def make_ops(n, c, o, hw, dtype, scope=4, k=3):
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, device=dev, dtype=dtype, generator=gen) * scale
+
+    x = rand(n, c, hw, hw)
+    w3 = rand(o, c, k, k, scale=0.05)
+    ws = rand(o, c, scope, scope, scale=0.05)
+    taps = k * k
+    local = rand(n, 2 * taps, hw, hw, scale=0.5)
+    glob = rand(n, 2 * taps, scale=0.5)
+    data_off = rand(n, 2 * taps, hw, hw, scale=0.5)
+    mask = torch.rand(n, taps, hw, hw, device=dev, dtype=dtype, generator=gen)
+    grad = rand(n, o, hw, hw)
+    leaves = {"x": x, "w3": w3, "ws": ws, "local": local, "glob": glob, "off": data_off,
+              "mask": mask}
+
+    calls = {
+        "conv2d": (lambda t: F.conv2d(t["x"], t["w3"], None, 1, 1), ("x", "w3")),
+        "local_dk": (lambda t: ops.deform_kernel2d(t["x"], t["ws"], t["local"], kernel_size=k,
+                                                   padding=1, backend="native"),
+                     ("x", "ws", "local")),
+        "global_dk": (lambda t: ops.deform_kernel2d(t["x"], t["ws"], t["glob"], kernel_size=k,
+                                                    padding=1, backend="native"),
+                      ("x", "ws", "glob")),
+        "dc": (lambda t: ops.deform_conv2d(t["x"], t["off"], t["w3"], None, padding=1,
+                                           mask=t["mask"], backend="native"),
+               ("x", "off", "w3", "mask")),
+        "dk_dc": (lambda t: ops.deform_kernel2d(t["x"], t["ws"], t["local"], kernel_size=k,
+                                                padding=1, data_offset=t["off"],
+                                                backend="native"),
+                  ("x", "ws", "local", "off")),
+    }
+    try:
+        import torchvision  # noqa: F401
+        from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
+        calls["torchvision_dc"] = (
+            lambda t: tv_deform_conv2d(t["x"], t["off"], t["w3"], None, padding=1, mask=t["mask"]),
+            ("x", "off", "w3", "mask"))
+    except Exception:
+        pass
+    return leaves, grad, calls
+
+
+def bench_shape(shape, dtype, args, log):
+    name, n, c, o, hw = shape
+    leaves, grad, calls = make_ops(n, c, o, hw, dtype)
+    row = {"shape": name, "N": n, "C_in": c, "C_out": o, "H": hw, "W": hw,
+           "dtype": str(dtype).replace("torch.", ""), "ms": {}}
+    for op_name, (fn, used) in calls.items():
+        entry = {}
+        try:
+            with torch.no_grad():
+                entry["fwd"] = timed(lambda: fn(leaves), args.warmup, args.reps)
+            train = {key: (val.detach().requires_grad_(key in used) if val.is_floating_point()
+                           else val) for key, val in leaves.items()}
+
+            def step():
+                out = fn(train)
+                out.backward(grad)
+                for key in used:
+                    train[key].grad = None
+
+            entry["fwd_bwd"] = timed(step, max(1, args.warmup // 2), max(3, args.reps // 2))
+        except Exception as exc:  # keep the other measurements
+            entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        row["ms"][op_name] = entry
+        log(f"  {name:>15} {row['dtype']:>9} {op_name:>15}: " + (
+            entry.get("error") or f"fwd {entry['fwd']:.3f} ms, fwd+bwd {entry['fwd_bwd']:.3f} ms"))
+        torch.cuda.empty_cache()
+    base = row["ms"].get("conv2d", {})
+    row["ratio_to_conv2d"] = {}
+    for op_name, entry in row["ms"].items():
+        if "fwd" in entry and "fwd" in base:
+            row["ratio_to_conv2d"][op_name] = {
+                "fwd": entry["fwd"] / base["fwd"],
+                "fwd_bwd": entry["fwd_bwd"] / base["fwd_bwd"],
+            }
+    return row
+
+
+def environment(args) -> dict:
+    module = _native.load_native()
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "capability": list(torch.cuda.get_device_capability(0)),
+        "multiprocessors": props.multi_processor_count,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "native_error": _native.native_error(),
+        "native_cuda_kernels": bool(module is not None and module.has_cuda_kernels()),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "chunk_mb": os.environ.get("ERFTOOL_CHUNK_MB", "256 (default)"),
+        "warmup": args.warmup,
+        "reps": args.reps,
+    }
+
+
+def markdown(env, rows) -> str:
+    lines = ["# erftool GPU benchmark", "",
+             f"Device: {env['device']} (sm_{env['capability'][0]}{env['capability'][1]}), "
+             f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}",
+             f"TF32: matmul={env['tf32_matmul']}, cudnn={env['tf32_cudnn']}; "
+             f"cudnn.benchmark={env['cudnn_benchmark']}; chunk MB={env['chunk_mb']}; "
+             f"median of {env['reps']} (fwd) after {env['warmup']} warm-up runs", "",
+             "| shape | dtype | op | fwd ms | fwd+bwd ms | fwd / conv2d | fwd+bwd / conv2d |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for op_name, entry in row["ms"].items():
+            ratio = row["ratio_to_conv2d"].get(op_name, {})
+            if "error" in entry:
+                lines.append(f"| {row['shape']} | {row['dtype']} | {op_name} | error: "
+                             f"{entry['error'][:80]} | | | |")
+                continue
+            lines.append(
+                f"| {row['shape']} | {row['dtype']} | {op_name} | {entry['fwd']:.3f} | "
+                f"{entry['fwd_bwd']:.3f} | {ratio.get('fwd', float('nan')):.2f}x | "
+                f"{ratio.get('fwd_bwd', float('nan')):.2f}x |")
+    lines += ["", "## Targets (forward time relative to conv2d)", ""]
+    for op_name, target in TARGETS.items():
+        for row in rows:
+            ratio = row["ratio_to_conv2d"].get(op_name, {}).get("fwd")
+            verdict = "n/a" if ratio is None else ("met" if ratio <= target else "MISSED")
+            shown = "n/a" if ratio is None else f"{ratio:.2f}x"
+            lines.append(f"- {op_name} {row['shape']} {row['dtype']}: {shown} "
+                         f"(target <= {target}x): {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
+    parser.add_argument("--quick", action="store_true", help="two shapes, fewer repetitions")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--tf32", choices=("off", "on"), default="off")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_gpu: CUDA is not available; nothing to measure", file=sys.stderr)
+        return 2
+    args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
+    args.reps = args.reps if args.reps is not None else (10 if args.quick else 20)
+
+    tf32 = args.tf32 == "on"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment(args)
+    print(json.dumps(env, indent=1), flush=True)
+    if not env["native_cuda_kernels"]:
+        print("bench_gpu: the native CUDA kernels are not built; see native_error above",
+              file=sys.stderr)
+        return 1
+
+    def log(message):
+        print(message, flush=True)
+
+    rows = []
+    started = time.time()
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name.strip())
+        for shape in (QUICK_SHAPES if args.quick else SHAPES):
+            rows.append(bench_shape(shape, dtype, args, log))
+            # Write after every shape: a run stopped at its time limit keeps what it measured.
+            (out_dir / "bench_gpu.json").write_text(
+                json.dumps({"environment": env, "targets": TARGETS, "results": rows}, indent=1))
+            (out_dir / "bench_gpu.md").write_text(markdown(env, rows))
+    print(markdown(env, rows))
+    print(f"bench_gpu: {time.time() - started:.0f} s; results in {out_dir}/bench_gpu.{{json,md}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# One-shot GPU check of erftool's CUDA kernels, for a machine with a CUDA
+# build of torch, nvcc and ninja (no network needed):
+#   1. nvcc compile check of native/cuda/*.cu (sm_80 + sm_90);
+#   2. builds the native extension with its CUDA kernels (erftool/ops/_native.py);
+#   3. runs tests/test_ops_cuda.py (CUDA vs reference / CPU, half types, gradcheck);
+#   4. runs benchmarks/bench_gpu.py (local DK, global DK, DC, DK+DC vs cuDNN conv2d).
+# Everything is written under $OUT (default ./gpu-results), at most 8 files:
+#   summary.txt env.txt compile.log build.log tests.log bench.log bench_gpu.json bench_gpu.md
+# Exit status: 0 when the build and the tests passed (benchmark problems are
+# reported in summary.txt but do not fail the check), 1 otherwise.
+#
+# Usage: scripts/gpu_check.sh [--quick]     (--quick: shorter benchmark)
+# Env:   PYTHON (default python3), OUT, BENCH_ARGS (extra bench_gpu.py arguments),
+#        PYTEST_ARGS (extra pytest arguments), SKIP_BENCH=1, SKIP_TESTS=1.
+set -uo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo" || exit 1
+out="${OUT:-$repo/gpu-results}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+python="${PYTHON:-python3}"
+quick=""
+if [[ "${1:-}" == "--quick" ]]; then quick="--quick"; fi
+
+# Make the interpreter's own bin (ninja from pip, ...) and CUDA visible.
+pybin="$(dirname "$(command -v "$python")")"
+export PATH="$pybin:$PATH:/usr/local/cuda/bin"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# A private build cache inside the output's sibling, so that nothing stale is reused.
+export ERFTOOL_BUILD_DIR="${ERFTOOL_BUILD_DIR:-$repo/build/erftool-native}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}"
+export ERFTOOL_BUILD_VERBOSE="${ERFTOOL_BUILD_VERBOSE:-1}"
+
+summary="$out/summary.txt"
+: >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
+status=0
+started=$(date +%s)
+
+# ---------------------------------------------------------------- environment
+{
+  echo "date: $(date -u)"
+  echo "host: $(uname -a)"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total \
+    --format=csv,noheader
+  echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -n 1)"
+  echo "ninja: $(command -v ninja) $(ninja --version 2>/dev/null)"
+  "$python" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), platform.python_implementation())
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+from torch.utils.cpp_extension import CUDA_HOME
+print("CUDA_HOME", CUDA_HOME)
+EOF
+} >"$out/env.txt" 2>&1
+cat "$out/env.txt"
+if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  note "FAIL: torch sees no CUDA device; nothing to check"
+  exit 1
+fi
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+  TORCH_CUDA_ARCH_LIST="$("$python" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))')"
+  export TORCH_CUDA_ARCH_LIST
+fi
+note "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST  build dir: $ERFTOOL_BUILD_DIR"
+
+# ---------------------------------------------------------------- 1. nvcc check
+if bash native/cuda/check_compile.sh >"$out/compile.log" 2>&1; then
+  note "PASS: nvcc compile check (native/cuda/check_compile.sh)"
+else
+  note "FAIL: nvcc compile check, see compile.log"
+  tail -n 30 "$out/compile.log"
+  status=1
+fi
+
+# ---------------------------------------------------------------- 2. build
+t0=$(date +%s)
+"$python" - >"$out/build.log" 2>&1 <<'EOF'
+import sys, traceback
+try:
+    from erftool.ops import _native
+    module = _native.load_native()
+    print("module:", module)
+    print("error:", _native.native_error())
+    print("build dir:", _native.build_dir())
+    if module is None:
+        sys.exit(1)
+    print("has_cuda_kernels:", module.has_cuda_kernels())
+    print("has_openmp:", module.has_openmp())
+    import torch
+    x = torch.randn(1, 2, 5, 5, device="cuda")
+    w = torch.randn(3, 2, 4, 4, device="cuda")
+    out = torch.ops.erftool_native.deform_forward(
+        x, w, None, None, None, [3, 3], [1, 1], [1, 1], [1, 1], 1, 1, 1, 1 << 20)
+    torch.cuda.synchronize()
+    print("smoke forward:", tuple(out.shape), float(out.abs().sum()))
+    sys.exit(0 if module.has_cuda_kernels() else 2)
+except SystemExit:
+    raise
+except BaseException:
+    traceback.print_exc()
+    sys.exit(3)
+EOF
+build_rc=$?
+note "build: $(( $(date +%s) - t0 )) s"
+if [[ $build_rc -eq 0 ]]; then
+  note "PASS: native extension built with CUDA kernels; smoke forward ran"
+else
+  note "FAIL: native build / smoke test (rc=$build_rc), see build.log"
+  tail -n 40 "$out/build.log"
+  status=1
+fi
+
+# ---------------------------------------------------------------- 3. tests
+if [[ -z "${SKIP_TESTS:-}" ]]; then
+  t0=$(date +%s)
+  # shellcheck disable=SC2086
+  "$python" -m pytest -q -rfEs -p no:cacheprovider tests/test_ops_cuda.py \
+    ${PYTEST_ARGS:-} >"$out/tests.log" 2>&1
+  test_rc=$?
+  note "tests: $(( $(date +%s) - t0 )) s; $(tail -n 1 "$out/tests.log")"
+  if [[ $test_rc -eq 0 ]]; then
+    note "PASS: tests/test_ops_cuda.py"
+  else
+    note "FAIL: tests/test_ops_cuda.py (rc=$test_rc), see tests.log"
+    grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -n 40 | tee -a "$summary"
+    status=1
+  fi
+fi
+
+# ---------------------------------------------------------------- 4. benchmarks
+if [[ -z "${SKIP_BENCH:-}" && $build_rc -eq 0 ]]; then
+  t0=$(date +%s)
+  # shellcheck disable=SC2086
+  "$python" benchmarks/bench_gpu.py --out "$out" $quick ${BENCH_ARGS:-} >"$out/bench.log" 2>&1
+  bench_rc=$?
+  note "bench: $(( $(date +%s) - t0 )) s (rc=$bench_rc)"
+  if [[ -f "$out/bench_gpu.md" ]]; then
+    sed -n '/^## Targets/,$p' "$out/bench_gpu.md" | tee -a "$summary"
+  else
+    note "bench: no results, see bench.log"
+    tail -n 30 "$out/bench.log"
+  fi
+fi
+
+note "total: $(( $(date +%s) - started )) s; status: $([[ $status -eq 0 ]] && echo PASS || echo FAIL)"
+exit $status

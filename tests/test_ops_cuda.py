@@ -1,0 +1,392 @@
+"""CUDA kernels of erftool's native operators.
+
+Checks, on a CUDA device only (the whole module is skipped without one):
+  * the native CUDA op against the pure-PyTorch reference in float64
+    (forward, and every gradient against autograd through the reference);
+  * CUDA against the native CPU kernels in float32 and float64;
+  * float16 / bfloat16 against float32 within tolerance;
+  * torch.autograd.gradcheck in float64 on CUDA through the public operators;
+  * chunking (chunk_bytes), output_mask handling, determinism of the rigid path.
+
+TF32 is switched off for the whole module (cuBLAS / cuDNN), so that float32
+comparisons measure the kernels rather than reduced-precision GEMMs.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+from erftool.ops import _args, _native, reference  # noqa: E402
+import erftool.ops as ops  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _strict_fp32():
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_module():
+    module = _native.load_native()
+    if module is None:
+        pytest.fail(f"native module failed to build: {_native.native_error()}")
+    if not module.has_cuda_kernels():
+        pytest.fail("native module was built without its CUDA kernels (ERFTOOL_WITH_CUDA unset)")
+    return module
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    N: int = 2
+    C: int = 4
+    H: int = 7
+    W: int = 8
+    C_out: int = 6
+    groups: int = 1
+    kernel: Tuple[int, int] = (3, 3)
+    scope: Tuple[int, int] = (4, 4)
+    stride: Tuple[int, int] = (1, 1)
+    padding: Tuple[int, int] = (1, 1)
+    dilation: Tuple[int, int] = (1, 1)
+    G: int = 1
+    DG: int = 1
+    kernel_offset: bool = True
+    data_offset: bool = False
+    mask: bool = False
+    offset_scale: float = 0.7
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    @property
+    def out_size(self) -> Tuple[int, int]:
+        return _args.output_size("test", (self.H, self.W), self.kernel, self.stride, self.padding,
+                                 self.dilation)
+
+    @property
+    def geometry(self) -> _args.Geometry:
+        return _args.Geometry(self.kernel, self.stride, self.padding, self.dilation, self.groups,
+                              self.G, self.DG, tuple(self.out_size))
+
+
+CASES = [
+    Case("local_dk"),
+    Case("centred_dk_rigid", kernel_offset=False),
+    Case("dk_groups_strided", N=3, C=8, C_out=4, groups=2, G=4, kernel=(3, 2), scope=(5, 4),
+         stride=(2, 1), padding=(2, 1), dilation=(2, 1), H=9, W=7),
+    Case("dk_large_offsets", offset_scale=2.5),
+    Case("dk_scope_slabs", kernel=(5, 5), scope=(7, 7), padding=(2, 2), H=9, W=9, C=3, C_out=2),
+    Case("dk_odd_scope", kernel=(3, 3), scope=(6, 5)),
+    Case("dk_mask_rigid", mask=True),
+    Case("dc_v1", kernel_offset=False, scope=(3, 3), data_offset=True, DG=2, offset_scale=1.5),
+    Case("dc_v2", kernel_offset=False, scope=(3, 3), data_offset=True, mask=True, DG=1,
+         stride=(2, 2), H=9, W=10),
+    Case("dk_dc", C=8, G=2, DG=4, data_offset=True, mask=True, groups=2, C_out=4),
+    Case("dk_dc_more_kernel_groups", C=8, G=4, DG=2, data_offset=True, offset_scale=1.2),
+    Case("dk_dc_coprime_groups", C=6, G=2, DG=3, data_offset=True, mask=True, C_out=3),
+    Case("one_by_one", kernel=(1, 1), scope=(2, 2), padding=(0, 0), G=2),
+]
+CASE_IDS = [c.name for c in CASES]
+
+
+def make_inputs(case: Case, dtype=torch.float64, device="cuda", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(
+            device=device, dtype=dtype)
+
+    ho, wo = case.out_size
+    x = rand(case.N, case.C, case.H, case.W)
+    w = rand(case.C_out, case.C // case.groups, *case.scope, scale=0.5)
+    ko = rand(case.N, 2 * case.G * case.taps, ho, wo, scale=case.offset_scale) \
+        if case.kernel_offset else None
+    do = rand(case.N, 2 * case.DG * case.taps, ho, wo, scale=case.offset_scale) \
+        if case.data_offset else None
+    m = (torch.rand(case.N, case.DG * case.taps, ho, wo, generator=gen, dtype=torch.float64)
+         .to(device=device, dtype=dtype)) if case.mask else None
+    return x, w, ko, do, m
+
+
+def native_forward(case: Case, x, w, ko, do, m, chunk_bytes=1 << 28):
+    return torch.ops.erftool_native.deform_forward(
+        x, w, ko, do, m, list(case.kernel), list(case.stride), list(case.padding),
+        list(case.dilation), case.groups, case.G, case.DG, chunk_bytes)
+
+
+def native_backward(case: Case, go, x, w, ko, do, m, chunk_bytes=1 << 28,
+                    output_mask=(True,) * 5):
+    return torch.ops.erftool_native.deform_backward(
+        go, x, w, ko, do, m, list(case.kernel), list(case.stride), list(case.padding),
+        list(case.dilation), case.groups, case.G, case.DG, chunk_bytes, list(output_mask))
+
+
+def reference_forward(case: Case, x, w, ko, do, m):
+    return reference.deform_column_conv(x, w, ko, "local", do, m, None, case.geometry)
+
+
+def reference_grads(case: Case, go, x, w, ko, do, m):
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True)
+              for t in (x, w, ko, do, m)]
+    out = reference_forward(case, *leaves)
+    wanted = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, wanted, go))
+    return [None if t is None else next(grads) for t in leaves]
+
+
+def assert_close_or_none(actual, expected, name, **tol):
+    if expected is None:
+        assert actual is None, f"{name}: expected no gradient"
+        return
+    assert actual is not None, f"{name}: gradient missing"
+    torch.testing.assert_close(actual, expected, msg=lambda m: f"{name}: {m}", **tol)
+
+
+GRAD_NAMES = ("grad_input", "grad_weight", "grad_kernel_offset", "grad_data_offset", "grad_mask")
+
+
+# ------------------------------------------------------------------ float64 oracle
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_matches_reference_float64(case):
+    x, w, ko, do, m = make_inputs(case)
+    out = native_forward(case, x, w, ko, do, m)
+    torch.testing.assert_close(out, reference_forward(case, x, w, ko, do, m),
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_backward_matches_reference_float64(case):
+    x, w, ko, do, m = make_inputs(case)
+    gen = torch.Generator().manual_seed(2)
+    go = torch.randn(case.N, case.C_out, *case.out_size, generator=gen,
+                     dtype=torch.float64).cuda()
+    grads = native_backward(case, go, x, w, ko, do, m)
+    expected = reference_grads(case, go, x, w, ko, do, m)
+    for name, got, exp in zip(GRAD_NAMES, grads, expected):
+        assert_close_or_none(got, exp, name, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ CUDA vs CPU
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cuda_matches_cpu(case, dtype):
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    cpu = make_inputs(case, dtype=dtype, device="cpu")
+    gpu = [None if t is None else t.cuda() for t in cpu]
+    gen = torch.Generator().manual_seed(3)
+    go_cpu = torch.randn(case.N, case.C_out, *case.out_size, generator=gen).to(dtype)
+    out_gpu = native_forward(case, *gpu)
+    out_cpu = native_forward(case, *cpu)
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, **tol)
+    g_gpu = native_backward(case, go_cpu.cuda(), *gpu)
+    g_cpu = native_backward(case, go_cpu, *cpu)
+    for name, a, b in zip(GRAD_NAMES, g_gpu, g_cpu):
+        assert_close_or_none(None if a is None else a.cpu(), b, name, **tol)
+
+
+# ------------------------------------------------------------------ half types
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)],
+                         ids=["f16", "bf16"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in (
+    "local_dk", "dk_groups_strided", "dc_v2", "dk_dc", "dk_scope_slabs")],
+    ids=lambda c: c.name)
+def test_half_types_match_float32(case, dtype, tol):
+    ref = make_inputs(case, dtype=torch.float32)
+    low = [None if t is None else t.to(dtype) for t in ref]
+    # Compare against float32 run on the same (rounded) inputs.
+    ref = [None if t is None else t.float() for t in low]
+    gen = torch.Generator().manual_seed(4)
+    go = torch.randn(case.N, case.C_out, *case.out_size, generator=gen).cuda().to(dtype)
+    out_low = native_forward(case, *low)
+    assert out_low.dtype == dtype
+    assert _rel_err(out_low, native_forward(case, *ref)) < tol
+    g_low = native_backward(case, go, *low)
+    g_ref = native_backward(case, go.float(), *ref)
+    for name, a, b in zip(GRAD_NAMES, g_low, g_ref):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == dtype, name
+        assert torch.isfinite(a).all(), name
+        assert _rel_err(a, b) < 2 * tol, f"{name}: relative error {_rel_err(a, b):.3g}"
+
+
+# ------------------------------------------------------------------ gradcheck
+
+def test_gradcheck_local_dk_public_api():
+    case = Case("gc_local", N=1, C=2, C_out=2, H=5, W=5, G=2)
+    x, w, ko, _, _ = make_inputs(case)
+    leaves = [t.requires_grad_(True) for t in (x, w, ko)]
+
+    def fn(x, w, ko):
+        return ops.deform_kernel2d(x, w, ko, kernel_size=case.kernel, padding=case.padding,
+                                   offset_groups=case.G, backend="native")
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_dk_dc_public_api():
+    case = Case("gc_dkdc", N=1, C=4, C_out=2, H=5, W=6, G=2, DG=2, data_offset=True,
+                stride=(2, 1))
+    x, w, ko, do, _ = make_inputs(case)
+    leaves = [t.requires_grad_(True) for t in (x, w, ko, do)]
+
+    def fn(x, w, ko, do):
+        return ops.deform_kernel2d(x, w, ko, kernel_size=case.kernel, stride=case.stride,
+                                   padding=case.padding, offset_groups=case.G, data_offset=do,
+                                   backend="native")
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_dcn_v2_public_api():
+    case = Case("gc_dcn", N=1, C=2, C_out=3, H=5, W=5, scope=(3, 3), kernel_offset=False,
+                data_offset=True, mask=True)
+    x, w, _, do, m = make_inputs(case)
+    b = torch.randn(case.C_out, dtype=torch.float64, device="cuda")
+    leaves = [t.requires_grad_(True) for t in (x, do, w, b, m)]
+
+    def fn(x, do, w, b, m):
+        return ops.deform_conv2d(x, do, w, b, padding=1, mask=m, backend="native")
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_native_op_all_inputs():
+    """DK + DC + mask together, straight through the native op pair."""
+    case = Case("gc_all", N=2, C=4, C_out=2, H=4, W=5, G=2, DG=2, data_offset=True, mask=True)
+
+    class Op(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, ko, do, m):
+            ctx.save_for_backward(x, w, ko, do, m)
+            return native_forward(case, x, w, ko, do, m)
+
+        @staticmethod
+        def backward(ctx, go):
+            return tuple(native_backward(case, go.contiguous(), *ctx.saved_tensors))
+
+    leaves = [t.requires_grad_(True) for t in make_inputs(case)]
+    assert torch.autograd.gradcheck(Op.apply, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ public API
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_public_ops_cuda_match_cpu(dtype):
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 9, 9, generator=gen, dtype=dtype)
+    w = torch.randn(6, 4, 4, 4, generator=gen, dtype=dtype)
+    bias = torch.randn(6, generator=gen, dtype=dtype)
+    local = torch.randn(2, 18, 9, 9, generator=gen, dtype=dtype)
+    glob = torch.randn(2, 18, generator=gen, dtype=dtype)
+    dcn_off = torch.randn(2, 18, 9, 9, generator=gen, dtype=dtype)
+    w3 = torch.randn(6, 4, 3, 3, generator=gen, dtype=dtype)
+    mask = torch.rand(2, 9, 9, 9, generator=gen, dtype=dtype)
+    calls = {
+        "local": lambda d: ops.deform_kernel2d(d(x), d(w), d(local), kernel_size=3, padding=1,
+                                               bias=d(bias), backend="native"),
+        "global": lambda d: ops.deform_kernel2d(d(x), d(w), d(glob), kernel_size=3, padding=1,
+                                                backend="native"),
+        "global_dc": lambda d: ops.deform_kernel2d(d(x), d(w), d(glob), kernel_size=3,
+                                                   padding=1, data_offset=d(dcn_off),
+                                                   backend="native"),
+        "dcn": lambda d: ops.deform_conv2d(d(x), d(dcn_off), d(w3), d(bias), padding=1,
+                                           mask=d(mask), backend="native"),
+    }
+    for name, call in calls.items():
+        got = call(lambda t: t.cuda())
+        expected = call(lambda t: t)
+        torch.testing.assert_close(got.cpu(), expected, msg=lambda m: f"{name}: {m}", **tol)
+
+
+# ------------------------------------------------------------------ plumbing
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[9]], ids=lambda c: c.name)
+def test_chunking_gives_the_same_result(case):
+    case = replace(case, N=3)
+    x, w, ko, do, m = make_inputs(case)
+    go = torch.randn(case.N, case.C_out, *case.out_size, dtype=torch.float64, device="cuda")
+    whole_out = native_forward(case, x, w, ko, do, m, chunk_bytes=1 << 30)
+    whole = native_backward(case, go, x, w, ko, do, m, chunk_bytes=1 << 30)
+    per_image = case.C * case.scope[0] * case.scope[1] * case.out_size[0] * case.out_size[1] * 8
+    for chunk in (1, 2 * per_image, 4 * per_image):  # 1 image, 2 + 1, 1 + ... images
+        out = native_forward(case, x, w, ko, do, m, chunk_bytes=chunk)
+        torch.testing.assert_close(out, whole_out, rtol=1e-12, atol=1e-12)
+        grads = native_backward(case, go, x, w, ko, do, m, chunk_bytes=chunk)
+        for name, a, b in zip(GRAD_NAMES, grads, whole):
+            assert_close_or_none(a, b, f"{name} (chunk_bytes={chunk})", rtol=1e-11, atol=1e-11)
+
+
+def test_output_mask_selects_gradients():
+    case = CASES[9]
+    x, w, ko, do, m = make_inputs(case)
+    go = torch.randn(case.N, case.C_out, *case.out_size, dtype=torch.float64, device="cuda")
+    full = native_backward(case, go, x, w, ko, do, m)
+    for bits in itertools.product((False, True), repeat=5):
+        grads = native_backward(case, go, x, w, ko, do, m, output_mask=bits)
+        for name, want, got, ref in zip(GRAD_NAMES, bits, grads, full):
+            if want:
+                torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12,
+                                           msg=lambda s: f"{name} {bits}: {s}")
+            else:
+                assert got is None, f"{name} returned although output_mask={bits}"
+    # Absent inputs give absent gradients whatever output_mask says.
+    grads = native_backward(case, go, x, w, None, None, None)
+    assert grads[2] is None and grads[3] is None and grads[4] is None
+
+
+def test_rigid_path_is_deterministic():
+    case = replace(CASES[0], N=4, C=16, C_out=16, H=16, W=16)
+    x, w, ko, do, m = make_inputs(case, dtype=torch.float32)
+    go = torch.randn(case.N, case.C_out, *case.out_size, device="cuda")
+    a = native_backward(case, go, x, w, ko, do, m)
+    b = native_backward(case, go, x, w, ko, do, m)
+    for name, ga, gb in zip(GRAD_NAMES, a, b):
+        if ga is not None:
+            assert torch.equal(ga, gb), f"{name} differs between two identical calls"
+
+
+def test_non_contiguous_and_current_stream():
+    case = CASES[9]
+    x, w, ko, do, m = make_inputs(case)
+    expected = native_forward(case, x, w, ko, do, m)
+    xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        got = native_forward(case, xt, w, ko, do, m)
+    stream.synchronize()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_nan_offsets_do_not_read_out_of_bounds():
+    case = CASES[9]
+    x, w, ko, do, m = make_inputs(case)
+    ko = ko.clone()
+    do = do.clone()
+    ko[:, :4] = float("nan")
+    do[:, 2:6] = float("inf")
+    out = native_forward(case, x, w, ko, do, m)
+    torch.cuda.synchronize()
+    assert out.shape == (case.N, case.C_out, *case.out_size)
