@@ -1,0 +1,143 @@
+"""The CLI's view of checkpoints, models and input data: loading them, naming them and
+turning images into the tensors a model expects. Wraps erftool.checkpoint,
+erftool.models and erftool.data so the commands see one small interface."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from erftool.cli_utils import image_files, read_image
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+# Bundled checkpoints are shown in the paper's column order when present.
+PAPER_ORDER = ("rigid", "dc", "dk", "dk_dc", "dkdc", "dk+dc")
+MAX_SIDE = 256  # folder images larger than this are scaled down: ERFs of big images are slow
+
+
+def require(module: str):
+    """Import an erftool part, or fail with a user-facing message if it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name and module.startswith(err.name):
+            raise ValueError(f"{module} is not available in this erftool installation") from None
+        raise
+
+
+def bundled_dir() -> Path:
+    return Path(__file__).resolve().parent / "checkpoints"
+
+
+def _paper_key(p: Path):
+    stem = p.stem.lower()
+    # Longest name first, so "dk_dc_net" is taken as dk_dc, not dk.
+    for name in sorted(PAPER_ORDER, key=len, reverse=True):
+        if stem == name or stem.startswith(name + "_") or stem.endswith("_" + name):
+            return (PAPER_ORDER.index(name), stem)
+    return (len(PAPER_ORDER), stem)
+
+
+def bundled_checkpoints() -> list[Path]:
+    d = bundled_dir()
+    files = [p for p in d.glob("*") if p.suffix in CHECKPOINT_SUFFIXES] if d.is_dir() else []
+    return sorted(files, key=_paper_key)
+
+
+def unique_names(paths: Sequence[Path]) -> list[str]:
+    """File stems, made unique (a.pt in two folders -> a, a-2)."""
+    names, seen = [], {}
+    for p in paths:
+        stem = Path(p).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
+
+
+def load_model(path: str | Path, arch: str | None, device):
+    """Load one checkpoint as an eval-mode nn.Module on `device`."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(2, "No such checkpoint", str(p))
+    if p.is_dir():
+        raise ValueError(f"checkpoint {p} is a folder, not a file")
+    ckpt = require("erftool.checkpoint")
+    try:
+        loaded = ckpt.load(str(p), arch=arch)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as err:  # corrupt pickles and the like surface as many types
+        if type(err).__name__ == "ErftoolError":
+            raise
+        raise ValueError(f"cannot load checkpoint {p}: {type(err).__name__}: {err}") from None
+    model = loaded[0] if isinstance(loaded, tuple) else getattr(loaded, "model", loaded)
+    return model.to(device).eval()
+
+
+def in_channels(model) -> int:
+    """Channels of the model's first convolution (3 when it cannot be told)."""
+    import torch
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 4:
+            groups = int(getattr(m, "groups", 1) or 1)
+            return int(w.shape[1]) * groups
+    return 3
+
+
+@dataclass
+class Inputs:
+    """A batch the models can all take, plus what the figures need about it."""
+
+    images: object                 # torch (N, C, H, W) float32, normalised as the models expect
+    display: list                  # N (H, W[, 3]) arrays in [0, 1] for drawing
+    source: str                    # human-readable origin, for titles and the report
+    centres: list = field(default_factory=list)   # per image: list of (y, x) object centres
+    boxes: list = field(default_factory=list)     # per image: list of (y0, x0, y1, x1)
+    scales: list = field(default_factory=list)    # per image: list of object sizes (px)
+
+    @property
+    def count(self) -> int:
+        return int(self.images.shape[0])
+
+
+def _to_channels(x, channels: int):
+    """(N, C, H, W) -> the model's channel count (grey <-> RGB)."""
+    c = x.shape[1]
+    if c == channels:
+        return x
+    if channels == 1:
+        return x.mean(dim=1, keepdim=True)
+    if c == 1:
+        return x.expand(-1, channels, -1, -1).contiguous()
+    raise ValueError(f"images have {c} channels but the model expects {channels}")
+
+
+def folder_inputs(folder, channels: int) -> Inputs:
+    """Every image of a folder, resized to the first image's size (at most MAX_SIDE)."""
+    import torch
+    files = image_files(folder)
+    first = read_image(files[0])
+    h, w = first.shape[:2]
+    if max(h, w) > MAX_SIDE:
+        f = MAX_SIDE / max(h, w)
+        h, w = max(8, round(h * f)), max(8, round(w * f))
+    arrays = [read_image(p, (h, w)) for p in files]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    x = _normalise(x)
+    return Inputs(images=_to_channels(x, channels), display=arrays,
+                  source=f"{len(files)} images from {folder}")
+
+
+def _normalise(x):
+    """Apply the dataset's normalisation if erftool.data defines one, so photos and
+    synthetic images reach the models in the same range."""
+    try:
+        data = require("erftool.data")
+    except ValueError:
+        return x
+    fn = getattr(data, "normalize", None) or getattr(data, "normalise", None)
+    return fn(x) if callable(fn) else x

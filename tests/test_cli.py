@@ -1,0 +1,265 @@
+"""The CLI through click's CliRunner (stub models where the zoo is not needed) and as a
+subprocess: outputs, --help, and clean exit-2 failures that leave nothing behind."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import cli
+from erftool import cli_utils_compare, cli_utils_models
+from erftool.cli_utils_models import Inputs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class TinyNet(nn.Module):
+    """Two 3x3 convs and a stride-2 conv: an 8x8 map from a 16x16 input."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.ReLU())
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5)
+
+    def forward(self, x):
+        return self.body(self.stem(x))
+
+
+def _fake_inputs(n, seed, channels):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, channels, 16, 16, generator=g)
+    disp = [x[i].permute(1, 2, 0).numpy() for i in range(n)]
+    centres = [[(5.0, 5.0), (10.0, 9.0)] for _ in range(n)]
+    boxes = [[(3, 3, 8, 8), (7, 6, 14, 13)] for _ in range(n)]
+    return Inputs(images=x, display=disp, source=f"{n} fake images", centres=centres,
+                  boxes=boxes, scales=[[5, 7] for _ in range(n)])
+
+
+@pytest.fixture
+def stubbed(monkeypatch, tmp_path):
+    """Checkpoint files that load as TinyNets, and fake synthetic data."""
+    def load(path, arch, device):
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(2, "No such checkpoint", str(p))
+        if p.read_text() == "unknown-arch":
+            raise ValueError(f"checkpoint {p}: unknown architecture 'nope'")
+        return TinyNet(seed=len(p.stem)).eval()
+    monkeypatch.setattr(cli_utils_compare, "load_model", load)
+    monkeypatch.setattr(cli_utils_compare, "synthetic_inputs", _fake_inputs)
+    ckpts = []
+    for name in ("rigid", "dk"):
+        p = tmp_path / f"{name}.pt"
+        p.write_text("stub")
+        ckpts.append(str(p))
+    return ckpts
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.main, list(args), catch_exceptions=False)
+
+
+# ---------------------------------------------------------------- compare
+
+def test_compare_writes_everything(stubbed, tmp_path):
+    out = tmp_path / "cmp"
+    res = invoke("compare", *stubbed, "--synthetic", "3", "--out", str(out), "--quiet")
+    assert res.exit_code == 0, res.output
+    names = {p.name for p in out.iterdir()}
+    for f in ("erf_grid_shared.png", "erf_grid_normalised.png", "erf_profiles.png",
+              "metrics.json", "metrics.csv", "report.html", "erf_rigid.npz", "erf_dk.npz",
+              "erf_rigid.npy", "erf_dk.npy"):
+        assert f in names
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["model"] for r in rows] == ["rigid", "dk"]
+    assert rows[0]["images"] == 3 and rows[0]["rule"] == "abs"
+    assert np.load(out / "erf_dk.npy").shape == (16, 16)
+    assert "rigid" in res.output and "std_y" in res.output  # the table reaches stdout
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cmp.partial")]
+
+
+def test_compare_object_centres_and_position(stubbed, tmp_path):
+    res = invoke("compare", *stubbed, "--synthetic", "2", "--object-centres", "--out",
+                 str(tmp_path / "a"), "-q", "--format", "svg")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "a" / "erf_grid_shared.svg").exists()
+    res = invoke("compare", *stubbed, "--synthetic", "2", "--position", "2,3", "--layer",
+                 "body.1", "--out", str(tmp_path / "b"), "-q")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert rows[0]["layer"] == "body.1"
+
+
+def test_compare_image_folder(stubbed, tmp_path):
+    from PIL import Image
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((20, 24, 3)) * 255).astype(np.uint8)) \
+            .save(folder / f"{i}.png")
+    res = invoke("compare", *stubbed, "--images", str(folder), "--out", str(tmp_path / "o"), "-q")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())[0]["images"] == 2
+
+
+def test_compare_replaces_own_files_and_keeps_others(stubbed, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    (out / "metrics.json").write_text("old")
+    assert invoke("compare", *stubbed, "--synthetic", "1", "--out", str(out), "-q").exit_code == 0
+    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "metrics.json").read_text() != "old"
+
+
+def _empty_dir(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d
+
+
+def _not_image(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "x.png").write_text("not a png")
+    return d
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("missing checkpoint", ["/nonexistent/a.pt"], "No such checkpoint"),
+    ("empty image folder", ["--images", "{empty}"], "no images"),
+    ("missing image folder", ["--images", "/nonexistent/dir"], "No such image folder"),
+    ("not an image", ["--images", "{bad}"], "not an image"),
+    ("unknown layer", ["--layer", "nope"], "unknown layer"),
+    ("position outside", ["--position", "40,1"], "outside"),
+    ("bad position text", ["--position", "a,b"], "--position"),
+    ("unknown arch", ["{unknown}"], "unknown architecture"),
+    ("both inputs", ["--images", "{empty}", "--synthetic", "2"], "either"),
+])
+def test_compare_bad_input_exit_2_no_output(stubbed, tmp_path, case, extra, message):
+    unknown = tmp_path / "u.pt"
+    unknown.write_text("unknown-arch")
+    fill = {"empty": str(_empty_dir(tmp_path)), "bad": str(_not_image(tmp_path)),
+            "unknown": str(unknown)}
+    args = [a.format(**fill) for a in extra]
+    ckpts = [] if any(a.endswith(".pt") for a in args) else stubbed
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli.main, ["compare", *ckpts, *args, "--out", str(out), "-q"])
+    assert res.exit_code == 2, (case, res.output)
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert not out.exists(), case
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_cuda_without_gpu_is_exit_2(stubbed, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    res = CliRunner().invoke(cli.main, ["compare", *stubbed, "--device", "cuda", "--out",
+                                        str(tmp_path / "o")])
+    assert res.exit_code == 2 and "CUDA" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- heatmap
+
+def test_heatmap_image_and_synthetic(stubbed, tmp_path):
+    from PIL import Image
+    img = tmp_path / "i.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    res = invoke("heatmap", stubbed[0], "--image", str(img), "--out", str(tmp_path / "h"), "-q")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "h.png").exists()
+    res = invoke("heatmap", stubbed[1], "--image", "synthetic:4", "--out", str(tmp_path / "s"),
+                 "-q", "--format", "pdf")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "s.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_heatmap_bad_image_exit_2(stubbed, tmp_path):
+    bad = tmp_path / "b.png"
+    bad.write_text("nope")
+    for image in (str(bad), str(tmp_path / "missing.png"), "synthetic:x"):
+        res = CliRunner().invoke(cli.main, ["heatmap", stubbed[0], "--image", image, "--out",
+                                            str(tmp_path / "h")])
+        assert res.exit_code == 2, res.output
+        assert not (tmp_path / "h.png").exists()
+
+
+# ---------------------------------------------------------------- others
+
+def test_every_command_has_help_with_example():
+    for name, cmd in cli.main.commands.items():
+        res = CliRunner().invoke(cli.main, [name, "--help"]) if name != "bench" else None
+        text = res.output if res else cmd.help
+        assert "Example" in text, name
+
+
+def test_verify_rows_and_exit_code(monkeypatch):
+    from erftool import cli_utils_verify as v
+    rows = [{"name": "ones", "formula": "(1+z+z^2)^n", "max_error": 0.0, "tolerance": 1e-12,
+             "passed": True}]
+    monkeypatch.setattr(v, "_suite", lambda: (lambda: rows))
+    res = invoke("verify", "--json")
+    assert res.exit_code == 0 and json.loads(res.output)[0]["verdict"] == "PASS"
+    rows.append({"name": "bad", "formula": "x", "error": 1.0, "tol": 0.1})
+    res = CliRunner().invoke(cli.main, ["verify"])
+    assert res.exit_code == 1 and "FAIL" in res.output and "1/2 checks passed" in res.output
+
+
+def test_staged_output_leaves_nothing_on_failure(tmp_path):
+    from erftool.cli_utils import staged_output
+    with pytest.raises(RuntimeError):
+        with staged_output(tmp_path / "x") as tmp:
+            (tmp / "half.png").write_text("x")
+            raise RuntimeError
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unique_names_and_bundled_order(tmp_path):
+    assert cli_utils_models.unique_names([Path("a/m.pt"), Path("b/m.pt")]) == ["m", "m-2"]
+    keys = sorted([Path("dk.pt"), Path("rigid.pt"), Path("dk_dc.pt"), Path("dc.pt")],
+                  key=cli_utils_models._paper_key)
+    assert [k.stem for k in keys] == ["rigid", "dc", "dk", "dk_dc"]
+
+
+def test_recentre_moves_probe_to_centre():
+    m = np.zeros((9, 9))
+    m[1, 7] = 1
+    r = cli_utils_compare.recentre(m, (1, 7))
+    assert r[4, 4] == 1 and r.sum() == 1
+
+
+# ---------------------------------------------------------------- subprocess
+
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_subprocess_help_and_missing_checkpoint(tmp_path):
+    res = _run("--help")
+    assert res.returncode == 0 and "compare" in res.stdout
+    res = _run("compare", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "No such checkpoint" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(shutil.which("erftool") is None, reason="console script not installed")
+def test_console_script_help():
+    res = subprocess.run(["erftool", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "verify" in res.stdout
