@@ -374,6 +374,7 @@ def test_non_contiguous_and_current_stream():
     expected = native_forward(case, x, w, ko, do, m)
     xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         got = native_forward(case, xt, w, ko, do, m)
     stream.synchronize()
