@@ -409,9 +409,10 @@ void gradients_from_columns(const Geometry& g, const Ctx<T>& c, const Grad& gr,
       input_grad_gather_isa<T>(c, gr, lo, hi, b, e, gin);
     });
   } else {
-    // Channel tiles small enough to keep both threads busy on few images.
+    // Whole-image tasks when there are enough images (the tap corners are
+    // recomputed per tile), channel tiles otherwise.
     int64_t tile = g.C;
-    while (tile > 16 && c.nc * ((g.C + tile - 1) / tile) < 4 * at::get_num_threads()) tile = (tile + 1) / 2;
+    while (tile > 16 && c.nc * ((g.C + tile - 1) / tile) < at::get_num_threads()) tile = (tile + 1) / 2;
     const int64_t tasks = c.nc * ((g.C + tile - 1) / tile);
     at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
       input_grad_scatter_isa<T>(c, gr, tile, b, e, gin);
@@ -477,10 +478,11 @@ at::Tensor backward_depthwise(const Geometry& g, const Tensors<T>& t, const at::
   const auto segs = make_segments(g);
   const auto chunks = plan_chunks(g, 2 * g.C * static_cast<int64_t>(sizeof(T)), chunk_bytes);
   at::Tensor gwt = need.weight ? at::zeros({g.S2, g.C}, grad_out.options()) : at::Tensor();
+  const std::vector<T> zeros(g.C, T(0));
   for (const Chunk& ch : chunks) {
     const Ctx<T> c = make_ctx(g, segs, t, ch);
     const at::Tensor gcl = chunk_view(grad_out, ch).permute({0, 2, 3, 1}).contiguous();
-    const DepthwiseGrad<T> gr{gcl.data_ptr<T>(), c.wt, g.C};
+    const DepthwiseGrad<T> gr{gcl.data_ptr<T>(), c.wt, g.C, zeros.data()};
     if (need.weight) depthwise_weight_chunk(c, gcl.data_ptr<T>(), gwt);
     if (need.any_g()) gradients_from_columns(g, c, gr, need, out);
   }

@@ -246,11 +246,43 @@ ERFTOOL_ALWAYS_INLINE void build_rows(const Ctx<T>& c, int64_t p0, int64_t p1, T
   }
 }
 
+// The four scope-cell rows of a tap's sampled weight, with absent corners
+// pointing at a zero row, so one fused loop needs no branches.
+template <typename T>
+struct CornerRows {
+  const T* row[4];
+  T w[4];
+};
+
+template <typename T>
+ERFTOOL_ALWAYS_INLINE CornerRows<T> corner_rows(const BilinearCorners<T>& k, const T* base,
+                                                int64_t stride, const T* zeros) {
+  CornerRows<T> r;
+  for (int i = 0; i < 4; ++i) {
+    const bool on = k.index[i] >= 0 && k.weight[i] != T(0);
+    r.row[i] = on ? base + k.index[i] * stride : zeros;
+    r.w[i] = on ? k.weight[i] : T(0);
+  }
+  return r;
+}
+
+// y[c] += a * x[c] * (sum_i w_i row_i[c]): one pass over the four rows.
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void fused_corner_axpy(int64_t n, T a, const T* __restrict x,
+                                             const CornerRows<T>& r, T* __restrict y) {
+  const T *__restrict r0 = r.row[0], *__restrict r1 = r.row[1];
+  const T *__restrict r2 = r.row[2], *__restrict r3 = r.row[3];
+  const T w0 = a * r.w[0], w1 = a * r.w[1], w2 = a * r.w[2], w3 = a * r.w[3];
+  for (int64_t i = 0; i < n; ++i)
+    y[i] += x[i] * (w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i]);
+}
+
 // Depthwise forward, no column rows: out[p, c] = sum_taps value * sampled weight.
 template <typename T>
 ERFTOOL_ALWAYS_INLINE void depthwise_rows(const Ctx<T>& c, int64_t p0, int64_t p1, T* out) {
   const Geometry& g = *c.g;
   Scratch<T> s(g);
+  const std::vector<T> zeros(g.C, T(0));
   for (int64_t p = p0; p < p1; ++p) {
     int64_t n, y, x;
     decode(c, p, &n, &y, &x);
@@ -265,10 +297,8 @@ ERFTOOL_ALWAYS_INLINE void depthwise_rows(const Ctx<T>& c, int64_t p0, int64_t p
           const int64_t len = sg.c1 - sg.c0;
           const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, g.C, sg.c0, len, s.v.data());
           if (!v) continue;
-          const BilinearCorners<T>& k = s.kc[sg.kg];
-          for (int j = 0; j < 4; ++j)
-            if (k.index[j] >= 0 && k.weight[j] != T(0))
-              axpy2(len, k.weight[j], v, c.wt + sg.colbase + k.index[j] * g.C, o + sg.c0);
+          const CornerRows<T> r = corner_rows(s.kc[sg.kg], c.wt + sg.colbase, g.C, zeros.data());
+          fused_corner_axpy(len, T(1), v, r, o + sg.c0);
         }
       }
   }
@@ -307,11 +337,10 @@ struct DepthwiseGrad {
                                    int64_t s, const T* x) const {
     return dot3(len, x, gout + p * C + cs, wt + s * C + cs);
   }
+  const T* zeros;  // C zeros
   ERFTOOL_ALWAYS_INLINE void tap_grad(int64_t p, const Segment&, int64_t cs, int64_t len,
                                       const BilinearCorners<T>& k, T scale, T* dst) const {
-    for (int j = 0; j < 4; ++j)
-      if (k.index[j] >= 0 && k.weight[j] != T(0))
-        axpy2(len, scale * k.weight[j], gout + p * C + cs, wt + k.index[j] * C + cs, dst);
+    fused_corner_axpy(len, scale, gout + p * C + cs, corner_rows(k, wt + cs, C, zeros), dst);
   }
 };
 
@@ -353,7 +382,8 @@ ERFTOOL_ALWAYS_INLINE void offset_grad_rows(const Ctx<T>& c, const Grad& gr,
           const BilinearCorners<T>& d = s.dc[sg.dg];
           const T m = s.m[sg.dg];
           for (int i = 0; i < 4; ++i) {
-            if (k.index[i] < 0) continue;
+            // A zero-weight corner still has a slope in the kernel offset.
+            if (k.index[i] < 0 || (k.weight[i] == T(0) && !out.koff)) continue;
             T e = T(0), hy = T(0), hx = T(0);
             for (int j = 0; j < 4; ++j) {
               if (d.index[j] < 0) continue;
