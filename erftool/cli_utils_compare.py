@@ -86,6 +86,19 @@ def _layer_to_input(pos, layer_size, input_size):
     return tuple((p + 0.5) * i / l - 0.5 for p, l, i in zip(pos, layer_size, input_size))
 
 
+def probe_marker(res, input_size, index: int = 0):
+    """Where to draw the probed unit: the centre of its theoretical RF when the RF lies
+    inside the image (exact for symmetric padding), else the cell's pixel block."""
+    box = None if res.rf_boxes is None else res.rf_boxes[index]
+    lp = res.protocol["positions"][index] if res.protocol.get("positions") else None
+    if box is not None and box.min() >= 0 and box[0] > 0 and box[1] > 0 \
+            and box[2] < input_size[0] - 1 and box[3] < input_size[1] - 1:
+        return ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    if lp is None:
+        return None
+    return _layer_to_input(lp, res.protocol["layer_size"], input_size)
+
+
 def model_erf(name, model, inputs: Inputs, *, layer, position, object_centres, rule, device):
     erf = require("erftool.erf")
     x = inputs.images
@@ -110,8 +123,7 @@ def model_erf(name, model, inputs: Inputs, *, layer, position, object_centres, r
         marker = (size[0] // 2, size[1] // 2)
     else:
         res = erf.compute_erf(model, x, layer=layer, rule=rule, position=position, device=device)
-        lp = res.protocol["positions"][0]
-        marker = _layer_to_input(lp, res.protocol["layer_size"], tuple(x.shape[-2:]))
+        marker = probe_marker(res, tuple(x.shape[-2:]))
         m = res.maps[0]
     return ModelERF(name=name, map=np.asarray(m, dtype=np.float64), result=res,
                     rf_box=_exclusive(res.rf_box), marker=marker)
@@ -183,7 +195,7 @@ def describe(req: CompareRequest, erfs, inputs: Inputs) -> str:
     layer = erfs[0].result.protocol.get("layer") or "<output>"
     probe = "object centres" if req.object_centres else (
         f"unit {req.position}" if req.position else "centre unit")
-    return f"layer {layer}, {probe}, rule {req.rule}, {inputs.count} images ({inputs.source})"
+    return f"layer {layer}, {probe}, rule {req.rule}, {inputs.count} images, {inputs.source}"
 
 
 def run_compare(req: CompareRequest, console: Console) -> Path:
@@ -290,8 +302,7 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
             res = erf.compute_erf(model, inputs.images, layer=layer, rule=rule, position=pos,
                                   device=dev)
             emap, boxes = res.maps[0], [_exclusive(res.rf_box)]
-            marks = [_layer_to_input(res.protocol["positions"][0], res.protocol["layer_size"],
-                                     tuple(inputs.images.shape[-2:]))]
+            marks = [probe_marker(res, tuple(inputs.images.shape[-2:]))]
         else:
             x = inputs.images.expand(len(centres), -1, -1, -1)
             with console.progress([0], f"ERFs at {len(centres)} object centres") as bar:
@@ -302,21 +313,18 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
             per = np.abs(res.per_image[:, 0].astype(np.float64))
             # Each object's ERF scaled to its own peak, so small objects stay visible.
             emap = np.max([p / p.max() if p.max() > 0 else p for p in per], axis=0)
-            lsize = res.protocol["layer_size"]
             lpos = res.image_positions
             boxes = [_exclusive(b) for b in erf.theoretical_rf(
                 model, tuple(x.shape[1:]), lpos, layer=res.protocol["layer"], device=dev)]
-            marks = [_layer_to_input(p, lsize, tuple(x.shape[-2:])) for p in lpos]
+            marks = [tuple(c) for c in centres]
         display, what = inputs.display[0], f"synthetic image (seed {seed})"
         count = 1
     else:
-        from erftool.cli_utils_models import folder_inputs  # noqa: F401 (same reader)
         inputs = _single_image(image, channels)
         res = erf.compute_erf(model, inputs.images, layer=layer, rule=rule, position=pos,
                               device=dev)
         emap, boxes = res.maps[0], [_exclusive(res.rf_box)]
-        marks = [_layer_to_input(res.protocol["positions"][0], res.protocol["layer_size"],
-                                 tuple(inputs.images.shape[-2:]))]
+        marks = [probe_marker(res, tuple(inputs.images.shape[-2:]))]
         display, what, count = inputs.display[0], Path(image).name, 1
     layer_name = res.protocol.get("layer") or "<output>"
     fig = plotting.overlay(display, emap, positions=marks, rf_boxes=[b for b in boxes if b],

@@ -81,35 +81,59 @@ def default_bench_json() -> Path | None:
     return (cpu or files or [None])[0]
 
 
-def speed_cases(data) -> tuple[dict, str]:
-    """Benchmark JSON -> ({case label: {op label: ms}}, device text). Accepts a list of
-    records or {"results": [...]}; each record names its op, case and time."""
-    meta = {}
-    if isinstance(data, dict):
-        meta = data.get("meta") or data.get("environment") or {}
-        data = data.get("results", data.get("records", data.get("cases", [])))
-    cases: dict[str, dict[str, float]] = {}
+PASS_TITLES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
+# Flat rows (bench_ops.py): time keys per pass.
+ROW_KEYS = {"fwd": "fwd_ms", "fwd_bwd": "fwdbwd_ms"}
+
+
+def _nested_rows(data, keep):
+    """bench_gpu.py layout: {"shape", "dtype", "ms": {op: {"fwd", "fwd_bwd"} | {"error"}}}."""
     for r in data:
-        op = str(r.get("op") or r.get("name") or r.get("operator") or "?")
-        backend = r.get("backend")
-        if backend and op not in ("conv2d", "F.conv2d") and "conv2d" != op:
-            op = f"{op} ({backend})"
-        case = str(r.get("case") or r.get("shape") or r.get("config") or "")
-        if r.get("pass") or r.get("direction") or r.get("mode"):
-            case = f"{case} {r.get('pass') or r.get('direction') or r.get('mode')}".strip()
-        ms = None
-        for key, scale in (("ms", 1.0), ("time_ms", 1.0), ("median_ms", 1.0), ("mean_ms", 1.0),
-                           ("seconds", 1e3), ("time_s", 1e3), ("median_s", 1e3), ("us", 1e-3)):
-            if r.get(key) is not None:
-                ms = float(r[key]) * scale
-                break
-        if ms is None:
+        if r.get("dtype") != keep or not isinstance(r.get("ms"), dict):
             continue
-        cases.setdefault(case, {})[op] = ms
-    if not cases:
+        for op, entry in r["ms"].items():
+            if isinstance(entry, dict) and "error" not in entry:
+                yield str(r.get("shape", "?")), op, {k: entry.get(k) for k in PASS_TITLES}
+
+
+def _flat_rows(data):
+    """bench_ops.py layout: {"shape", "op", "backend", "fwd_ms", "fwdbwd_ms"} per row.
+    The pure-PyTorch reference rows are left out: the figure compares what runs."""
+    for r in data:
+        if r.get("backend") == "reference" or "op" not in r:
+            continue
+        yield str(r.get("shape", "?")), str(r["op"]), {k: r.get(v) for k, v in ROW_KEYS.items()}
+
+
+def speed_panels(data) -> tuple[dict, str]:
+    """Benchmark JSON -> ({pass title: {case: {op: ms}}}, device text).
+
+    Reads both layouts the benchmarks write: bench_ops.py's {"meta", "rows": [flat rows]}
+    and bench_gpu.py's {"environment", "results": [nested rows]}. Failed ops are left
+    out; when several dtypes were measured, float32 is shown."""
+    env = {}
+    if isinstance(data, dict):
+        env = data.get("environment") or data.get("meta") or {}
+        data = data.get("results", data.get("rows", []))
+    if not isinstance(data, list):
+        raise ValueError("benchmark results: expected a 'results' or 'rows' list")
+    data = [r for r in data if isinstance(r, dict)]
+    dtypes = [r.get("dtype") for r in data if r.get("dtype")]
+    keep = "float32" if "float32" in dtypes else (dtypes[0] if dtypes else env.get("dtype"))
+    rows = _nested_rows(data, keep) if any("ms" in r for r in data) else _flat_rows(data)
+    panels: dict[str, dict[str, dict[str, float]]] = {}
+    for case, op, times in rows:
+        for key, title in PASS_TITLES.items():
+            if isinstance(times.get(key), (int, float)):
+                panels.setdefault(title, {}).setdefault(case, {})[op] = float(times[key])
+    if not panels:
         raise ValueError("the benchmark results hold no timings")
-    device = meta.get("device") or meta.get("cpu") or meta.get("gpu") or ""
-    return cases, str(device)
+    device = env.get("device") or env.get("cpu") or ""
+    if env.get("threads"):
+        device = f"{device}, {env['threads']} threads"
+    if keep:
+        device = f"{device}, {keep}" if device else str(keep)
+    return panels, str(device)
 
 
 def figure_speed(bench_json):
@@ -121,15 +145,15 @@ def figure_speed(bench_json):
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"benchmark results {path} are not valid JSON: {err}") from None
-    cases, device = speed_cases(data)
-    where = f" on {device}" if device else ""
-    return plotting.speed_figure(cases, baseline=_baseline(cases),
-                                 title=f"Operator speed{where} ({path.name})")
+    panels, device = speed_panels(data)
+    where = f" ({device})" if device else ""
+    return plotting.speed_figure(panels, baseline=_baseline(panels),
+                                 title=f"erftool operators vs conv2d{where}, from {path.name}")
 
 
-def _baseline(cases) -> str:
-    ops = {op for c in cases.values() for op in c}
-    for cand in ("conv2d", "F.conv2d", "torch.conv2d"):
+def _baseline(panels) -> str:
+    ops = {op for cases in panels.values() for c in cases.values() for op in c}
+    for cand in ("conv2d", "conv3x3", "F.conv2d", "torch.conv2d"):
         if cand in ops:
             return cand
     return sorted(ops)[0]
@@ -162,6 +186,12 @@ def run_figures(*, out, fmt, only, bench_json, seed, console: Console) -> list[P
 
 
 def run_bench(args: list[str]) -> int:
+    """Run benchmarks/bench_ops.py; results go to benchmarks/results/cpu.json (where
+    `erftool figures` reads them) unless --json is given."""
     if not BENCH_SCRIPT.exists():
         raise FileNotFoundError(2, "No benchmark script", str(BENCH_SCRIPT))
+    if "--json" not in args and not any(a.startswith("--json=") for a in args) \
+            and "-h" not in args and "--help" not in args:
+        BENCH_RESULTS.mkdir(parents=True, exist_ok=True)
+        args = [*args, "--json", str(BENCH_RESULTS / "cpu.json")]
     return subprocess.call([sys.executable, str(BENCH_SCRIPT), *args], cwd=str(REPO))

@@ -129,7 +129,7 @@ def folder_inputs(folder, channels: int) -> Inputs:
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     x = _normalise(x)
     return Inputs(images=_to_channels(x, channels), display=arrays,
-                  source=f"{len(files)} images from {folder}")
+                  source=f"folder {folder}")
 
 
 def _normalise(x):

@@ -42,7 +42,7 @@ def _fake_inputs(n, seed, channels):
     disp = [x[i].permute(1, 2, 0).numpy() for i in range(n)]
     centres = [[(5.0, 5.0), (10.0, 9.0)] for _ in range(n)]
     boxes = [[(3, 3, 8, 8), (7, 6, 14, 13)] for _ in range(n)]
-    return Inputs(images=x, display=disp, source=f"{n} fake images", centres=centres,
+    return Inputs(images=x, display=disp, source="fake data", centres=centres,
                   boxes=boxes, scales=[[5, 7] for _ in range(n)])
 
 

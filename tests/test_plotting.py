@@ -147,11 +147,17 @@ def test_sampling_figure_columns():
 
 
 def test_speed_figure_ratio_labels():
-    fig = P.speed_figure({"fwd": {"deform_kernel2d": 4.0, "conv2d": 1.0}})
+    fig = P.speed_figure({"forward": {"56x56": {"deform_kernel2d": 4.0, "conv2d": 1.0}},
+                          "forward + backward": {"56x56": {"deform_kernel2d": 9.0,
+                                                           "conv2d": 3.0}}})
+    assert len(fig.axes) == 2
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     assert [t.get_text().strip() for t in ax.texts] == ["4.0x"]
-    assert [t.get_text() for t in ax.get_legend().get_texts()][0] == "conv2d"
+    assert [t.get_text().strip() for t in fig.axes[1].texts] == ["3.0x"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()][0] == "conv2d"
+    with pytest.raises(ValueError):
+        P.speed_figure({})
 
 
 @pytest.mark.parametrize("fmt", ["png", "pdf", "svg"])
