@@ -99,6 +99,8 @@ CASES = [
     Case("dk_dc_more_kernel_groups", C=8, G=4, DG=2, data_offset=True, offset_scale=1.2),
     Case("dk_dc_coprime_groups", C=6, G=2, DG=3, data_offset=True, mask=True, C_out=3),
     Case("one_by_one", kernel=(1, 1), scope=(2, 2), padding=(0, 0), G=2),
+    # Few positions, many channels: channel segments are split over several blocks.
+    Case("many_channels", N=1, C=128, C_out=4, H=5, W=6, data_offset=True, mask=True),
 ]
 CASE_IDS = [c.name for c in CASES]
 
@@ -429,11 +431,11 @@ def _emulation():
 
 
 EMULATED = ["local_dk", "centred_dk_rigid", "dk_groups_strided", "dk_scope_slabs",
-            "dk_mask_rigid", "dc_v2", "dk_dc", "dk_dc_coprime_groups"]
+            "dk_mask_rigid", "dc_v2", "dk_dc", "dk_dc_coprime_groups", "many_channels"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in EMULATED], ids=lambda c: c.name)
-def test_kernels_under_cpu_emulation(case):
+def test_kernels_under_cpu_emulation(case, monkeypatch):
     emulate = _emulation()
     x, w, ko, do, m = make_inputs(case, device="cpu")
     gen = torch.Generator().manual_seed(6)
@@ -442,6 +444,9 @@ def test_kernels_under_cpu_emulation(case):
                            case.G, case.DG)
     expected = reference_forward(case, x, w, ko, do, m)
     expected_grads = reference_grads(case, go, x, w, ko, do, m)
+    if case.name in ("dk_groups_strided", "dk_dc", "many_channels"):
+        # Pretend to have many multiprocessors: blocks then split channel segments.
+        monkeypatch.setenv("ERFTOOL_EMU_SMS", "200")
     for images_per_chunk in ((None, 1) if case.name == "dk_dc" else (None,)):
         torch.testing.assert_close(emu.forward(x, w, ko, do, m, images_per_chunk), expected,
                                    rtol=1e-10, atol=1e-10)

@@ -314,7 +314,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_ba
         images_per_chunk(pb, chunk_bytes, int64_t(need_weight) + int64_t(need_gcols));
     const int64_t P = pb.P(), K = pb.K(), R = pb.C * pb.S2(), Rg = pb.Rg(), Og = pb.Og();
     const int64_t CHW = pb.C * pb.H * pb.W;
-    const int64_t U = ek::num_segments(pb.G, pb.DG);
+    // Channel segments of the fused pass (>= lcm(G, DG); more when positions are few).
+    const int64_t U = fused ? ek::fused_backward_segments(pb.shape(nb, stride, padding, dilation))
+                            : ek::num_segments(pb.G, pb.DG);
     at::Tensor cols_buf = need_weight ? at::empty({R * nb * P}, opts) : at::Tensor();
     at::Tensor gcols_buf = need_gcols ? at::empty({R * nb * P}, opts) : at::Tensor();
     at::Tensor part_ko = need_ko ? at::empty({nb * U * 2 * K * P}, acc_opts) : at::Tensor();
@@ -374,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_ba
                                   : nullptr;
               check_launch(
                   ek::launch_backward_fused<cu_t>(
-                      shape, gc_p, in_p, ko_p, do_p, m_p,
+                      shape, U, gc_p, in_p, ko_p, do_p, m_p,
                       need_ko ? reinterpret_cast<acc_cu*>(part_ko.data_ptr()) : nullptr,
                       need_do ? reinterpret_cast<acc_cu*>(part_do.data_ptr()) : nullptr,
                       need_mask ? reinterpret_cast<acc_cu*>(part_mask.data_ptr()) : nullptr,

@@ -587,9 +587,25 @@ cudaError_t launch_build_columns(const DeformShape& sh, const scalar_t* input,
   return cudaGetLastError();
 }
 
+int64_t fused_backward_segments(const DeformShape& sh) {
+  const int64_t U = num_segments(sh.G, sh.DG);
+  if (!shape_ok(sh)) return U;
+  DeviceInfo info;
+  if (device_info(&info) != cudaSuccess) return U;
+  const int64_t cols = sh.nb * sh.Ho * sh.Wo;
+  const int64_t tiles = (cols + kTileP - 1) / kTileP;
+  const int64_t Cs = sh.C / U;
+  const int64_t want = (int64_t(info.sms) * 4 + tiles * U - 1) / (tiles * U);
+  // Largest divisor of Cs not above `want` that keeps >= 4 channels per lane.
+  int64_t best = 1;
+  for (int64_t d = 1; d <= std::min(want, Cs); ++d)
+    if (Cs % d == 0 && Cs / d >= 4 * kLanes) best = d;
+  return U * best;
+}
+
 template <typename scalar_t>
-cudaError_t launch_backward_fused(const DeformShape& sh, const scalar_t* grad_columns,
-                                  const scalar_t* input, const scalar_t* kernel_offset,
+cudaError_t launch_backward_fused(const DeformShape& sh, int64_t segments,
+                                  const scalar_t* grad_columns, const scalar_t* input, const scalar_t* kernel_offset,
                                   const scalar_t* data_offset, const scalar_t* mask,
                                   acc_t<scalar_t>* part_kernel_offset,
                                   acc_t<scalar_t>* part_data_offset, acc_t<scalar_t>* part_mask,
@@ -602,7 +618,8 @@ cudaError_t launch_backward_fused(const DeformShape& sh, const scalar_t* grad_co
 
   const int64_t K = int64_t(sh.kh) * sh.kw;
   const int64_t cols = sh.nb * sh.Ho * sh.Wo;
-  const int64_t U = num_segments(sh.G, sh.DG);
+  const int64_t U = segments;
+  if (U <= 0 || U % num_segments(sh.G, sh.DG) != 0 || sh.C % U != 0) return cudaErrorInvalidValue;
   const int64_t coef_bytes = round_up(kTileP * K * int64_t(sizeof(TapCoef<A>)), 16);
   const int64_t smem = coef_bytes + 5 * int64_t(kThreads) * int64_t(sizeof(A));
   if (smem > info.smem_optin) return cudaErrorInvalidValue;
@@ -673,7 +690,7 @@ cudaError_t launch_cast(const acc_t<scalar_t>* src, scalar_t* dst, int64_t n,
 #define ERFTOOL_INSTANTIATE(T)                                                                   \
   template cudaError_t launch_build_columns<T>(const DeformShape&, const T*, const T*, const T*, \
                                                const T*, T*, cudaStream_t);                      \
-  template cudaError_t launch_backward_fused<T>(const DeformShape&, const T*, const T*,          \
+  template cudaError_t launch_backward_fused<T>(const DeformShape&, int64_t, const T*, const T*, \
                                                 const T*, const T*, const T*, acc_t<T>*,         \
                                                 acc_t<T>*, acc_t<T>*, acc_t<T>*, cudaStream_t);  \
   template cudaError_t launch_grad_input_rigid<T>(const DeformShape&, const T*, const T*,        \

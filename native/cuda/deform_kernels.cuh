@@ -82,19 +82,27 @@ cudaError_t launch_build_columns(const DeformShape& shape, const scalar_t* input
                                  const scalar_t* kernel_offset, const scalar_t* data_offset,
                                  const scalar_t* mask, scalar_t* columns, cudaStream_t stream);
 
-// (b1) Fused backward pass over grad_columns = W^T grad_out. For every segment
-// (see num_segments) writes, when the pointer is not null:
-//   part_kernel_offset (nb, U*2*K, Ho, Wo): d/d(kernel offsets), summed over the segment;
-//   part_data_offset   (nb, U*2*K, Ho, Wo): d/d(data offsets);
-//   part_mask          (nb, U*K,   Ho, Wo): d/d(mask);
+// Channel segments V of the fused backward pass for this shape: a multiple of
+// num_segments(G, DG) that divides C_in, larger than it only when the grid
+// would otherwise leave multiprocessors idle (few positions, many channels).
+int64_t fused_backward_segments(const DeformShape& shape);
+
+// (b1) Fused backward pass over grad_columns = W^T grad_out. `segments` (V)
+// cuts C_in into V contiguous segments (V from fused_backward_segments, or
+// any multiple of num_segments(G, DG) dividing C_in). For every segment it
+// writes, when the pointer is not null:
+//   part_kernel_offset (nb, V*2*K, Ho, Wo): d/d(kernel offsets), summed over the segment;
+//   part_data_offset   (nb, V*2*K, Ho, Wo): d/d(data offsets);
+//   part_mask          (nb, V*K,   Ho, Wo): d/d(mask);
+// launch_reduce_segments (U = V) then sums the segments of each group.
 // and, only when data_offset is not null, scatters d/d(input) into
 // grad_input_acc (nb, C, H, W), which must be zeroed first, with atomicAdd in
 // acc_t (fp32 for float / half / bf16, fp64 for double: never half-precision
 // atomics; the summation order, hence the last bits, is not deterministic).
 // With a rigid data grid use launch_grad_input_rigid instead.
 template <typename scalar_t>
-cudaError_t launch_backward_fused(const DeformShape& shape, const scalar_t* grad_columns,
-                                  const scalar_t* input, const scalar_t* kernel_offset,
+cudaError_t launch_backward_fused(const DeformShape& shape, int64_t segments,
+                                  const scalar_t* grad_columns, const scalar_t* input, const scalar_t* kernel_offset,
                                   const scalar_t* data_offset, const scalar_t* mask,
                                   acc_t<scalar_t>* part_kernel_offset,
                                   acc_t<scalar_t>* part_data_offset, acc_t<scalar_t>* part_mask,

@@ -1,14 +1,18 @@
 // C entry points of the emulated launchers (ctypes, see emulate.py) and stubs
-// of the CUDA runtime calls they make: one device with 2 multiprocessors and
-// 227 KiB of opt-in shared memory per block.
+// of the CUDA runtime calls they make: one device with 2 multiprocessors
+// (ERFTOOL_EMU_SMS overrides) and 227 KiB of opt-in shared memory per block.
 #include <cuda_runtime.h>
 #include <cstdio>
+#include <cstdlib>
 #include "deform_kernels.cuh"
 using namespace erftool::cuda;
 extern "C" {
 cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  if (a == cudaDevAttrMultiProcessorCount) *v = 2;
+  if (a == cudaDevAttrMultiProcessorCount) {
+    const char* sms = std::getenv("ERFTOOL_EMU_SMS");  // more SMs: more channel splits
+    *v = sms ? std::atoi(sms) : 2;
+  }
   else if (a == cudaDevAttrMaxSharedMemoryPerBlockOptin) *v = 227 * 1024;
   else *v = 0;
   return cudaSuccess;
@@ -29,10 +33,11 @@ static DeformShape mk(const long* p) {
                            T* cols) {                                                          \
     return launch_build_columns<T>(mk(p), in, ko, dof, m, cols, nullptr);                      \
   }                                                                                            \
-  extern "C" int fused_##S(const long* p, const T* gc, const T* in, const T* ko, const T* dof, \
+  extern "C" long segments_##S(const long* p) { return fused_backward_segments(mk(p)); }      \
+  extern "C" int fused_##S(const long* p, long V, const T* gc, const T* in, const T* ko, const T* dof, \
                            const T* m, acc_t<T>* pko, acc_t<T>* pdo, acc_t<T>* pm,             \
                            acc_t<T>* gin) {                                                    \
-    return launch_backward_fused<T>(mk(p), gc, in, ko, dof, m, pko, pdo, pm, gin, nullptr);    \
+    return launch_backward_fused<T>(mk(p), V, gc, in, ko, dof, m, pko, pdo, pm, gin, nullptr);    \
   }                                                                                            \
   extern "C" int rigid_##S(const long* p, const T* gc, const T* ko, const T* m, T* gin) {     \
     return launch_grad_input_rigid<T>(mk(p), gc, ko, m, gin, nullptr);                         \

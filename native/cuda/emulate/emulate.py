@@ -173,9 +173,12 @@ class Emulated:
         P, S2, K = ho * wo, scope[0] * scope[1], self.k[0] * self.k[1]
         R, o = c * S2, w.shape[0]
         Rg, Og = R // self.groups, o // self.groups
-        U = G // math.gcd(G, DG) * DG
         dt, sfx = x.dtype, _suffix(x.dtype)
         nb = images_per_chunk or n
+        segments = getattr(self.lib, "segments_" + sfx)
+        segments.restype = ctypes.c_long
+        U = segments(self._params(nb, c, h, wd, ho, wo, scope, G, DG))
+        assert U % (G // math.gcd(G, DG) * DG) == 0 and c % U == 0, U
         nan = float("nan")
         w2 = w.reshape(o, Rg)
         gin = torch.zeros_like(x) if do is not None else torch.full_like(x, nan)
@@ -201,7 +204,7 @@ class Emulated:
             gin_chunk = gin[n0:n0 + cur]
             if ko is not None or do is not None or m is not None:
                 rc = getattr(lib, "fused_" + sfx)(
-                    prm, _ptr(gcols), _ptr(xs), _ptr(kos), _ptr(dos), _ptr(ms),
+                    prm, ctypes.c_long(U), _ptr(gcols), _ptr(xs), _ptr(kos), _ptr(dos), _ptr(ms),
                     *(_ptr(p) for p in parts), _ptr(gin_chunk) if do is not None else None)
                 assert rc == 0, rc
             if do is None:
