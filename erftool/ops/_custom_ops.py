@@ -104,7 +104,8 @@ def deform_kernel2d_op(
 ) -> Tensor:
     geom = _geometry(input, weight, kernel_size, stride, padding, dilation, groups,
                      offset_groups, data_offset)
-    return _forward(backend or None, input, weight, offset, data_offset, None, bias, geom)
+    out = _forward(backend or None, input, weight, offset, data_offset, None, bias, geom)
+    return out.contiguous()
 
 
 @deform_kernel2d_op.register_fake
@@ -121,7 +122,8 @@ def deform_conv2d_op(
     backend: str,
 ) -> Tensor:
     geom = _deform_conv_geometry(input, offset, weight, stride, padding, dilation)
-    return _forward(backend or None, input, weight, None, offset, mask, bias, geom)
+    out = _forward(backend or None, input, weight, None, offset, mask, bias, geom)
+    return out.contiguous()
 
 
 def _deform_conv_geometry(input, offset, weight, stride, padding, dilation):
@@ -228,14 +230,15 @@ def deform_backward_op(
     grads = _backward(backend or None, grad_output, input, weight, kernel_offset, data_offset,
                       mask, geom, needs)
     # Custom ops return tensors only: an absent gradient is an empty tensor.
-    return tuple(g if g is not None else input.new_empty(0) for g in grads)
+    return tuple(g.contiguous() if g is not None else input.new_empty(0) for g in grads)
 
 
 @deform_backward_op.register_fake
 def _(grad_output, input, weight, kernel_offset, data_offset, mask, kernel_size, stride,
       padding, dilation, groups, offset_groups, backend, needs):
     like = (input, weight, kernel_offset, data_offset, mask)
-    grads = [torch.empty_like(t) if t is not None and n else input.new_empty(0)
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format)
+             if t is not None and n else input.new_empty(0)
              for t, n in zip(like, needs[:5])]
     bias = input.new_empty(weight.shape[0]) if needs[5] else input.new_empty(0)
     return tuple(grads + [bias])
