@@ -7,6 +7,7 @@ weights w = M when M >= 0 everywhere and w = |M| otherwise (signed maps); the
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence
 
@@ -81,7 +82,7 @@ def gaussian_fit(m, max_side: int = 256) -> GaussianFit:
     """Least-squares fit (scipy.optimize.curve_fit) of the 2-D Gaussian of
     `GaussianFit` to w, started from the moments. Maps larger than `max_side`
     are block-averaged first (sizes are scaled back to pixels)."""
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     w = _weights(m)
     factor = max(1, int(math.ceil(max(w.shape) / max_side)))
@@ -96,7 +97,10 @@ def gaussian_fit(m, max_side: int = 256) -> GaussianFit:
     ys, xs = np.indices(w.shape)
     coords = (ys.ravel().astype(np.float64), xs.ravel().astype(np.float64))
     try:
-        p, _ = curve_fit(_gauss, coords, w.ravel(), p0=guess, maxfev=4000)
+        with warnings.catch_warnings():
+            # a perfect fit has no covariance estimate; irrelevant here
+            warnings.simplefilter("ignore", OptimizeWarning)
+            p, _ = curve_fit(_gauss, coords, w.ravel(), p0=guess, maxfev=4000)
         amp, y0, x0, s_y, s_x, th, off = p
         s_y, s_x = abs(s_y), abs(s_x)
         ok = bool(np.isfinite(p).all())
