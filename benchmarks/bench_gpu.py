@@ -65,8 +65,7 @@ def timed(fn, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def make_ops(n, c, o, hw, dtype, scope=4, k=3):
-    dev = "cuda"
+def make_ops(n, c, o, hw, dtype, scope=4, k=3, dev="cuda"):
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def rand(*shape, scale=1.0):
