@@ -51,12 +51,35 @@ def cuda_include_dir() -> Optional[Path]:
     return None
 
 
+_PROBE = """
+#include <atomic>
+#include <barrier>
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+int main() { std::barrier<> b(1); b.arrive_and_wait(); float f = 0;
+             std::atomic_ref<float>(f).fetch_add(1.f); return __half2float(__float2half(f)) != 1.f; }
+"""
+_probe_result = {}
+
+
 def unavailable_reason() -> Optional[str]:
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        return "no C++ compiler (g++)"
-    if cuda_include_dir() is None:
+    """Why the emulation cannot run here (None when it can)."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx})"
+    include = cuda_include_dir()
+    if include is None:
         return "CUDA headers (cuda_runtime.h, cuda_fp16.h) not found"
-    return None
+    if "reason" not in _probe_result:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "probe.cpp"
+            src.write_text(_PROBE)
+            done = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", "-I", str(include),
+                                   str(src)], capture_output=True, text=True)
+        _probe_result["reason"] = None if done.returncode == 0 else (
+            f"{cxx} cannot compile C++20 <barrier> / std::atomic_ref with the CUDA headers: "
+            + (done.stderr.strip().splitlines() or ["?"])[-1][:200])
+    return _probe_result["reason"]
 
 
 def _rewrite(source: str) -> str:
