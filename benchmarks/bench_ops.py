@@ -1,0 +1,263 @@
+"""CPU benchmarks of erftool's native operators against oneDNN conv2d.
+
+Per shape, fp32, a fixed torch thread count, forward and forward+backward
+wall-clock medians (after warm-up) of
+  * conv3x3      F.conv2d with a 3x3 kernel, padding 1: the anchor of the ratios
+  * conv4x4      F.conv2d with a 4x4 kernel, padding 1 (as many multiply-adds
+                 as a scope-4 local DK, for scale; one output row/col fewer)
+  * dk_s4        local Deformable Kernel, scope 4x4, per-location offsets
+  * dk_s3        local Deformable Kernel, scope 3x3
+  * dk_global    global Deformable Kernel, scope 4x4, per-image offsets
+  * dk_dc        local DK (scope 4x4) + data offsets (DK + DC)
+  * dc           deformable convolution, DCNv2 (offsets + mask)
+each with the native backend, plus the pure-PyTorch reference of the local
+ops (fewer repeats, no warm-up) for the native/reference speed-up. Ratios are
+to conv3x3 of the same shape measured in the same run: the ratio of medians,
+and the "paired" median of per-repeat ratios with conv3x3 timed right before
+each repeat (robust to other processes loading a shared machine).
+
+Usage:
+    python benchmarks/bench_ops.py [--threads 2] [--repeats 5] [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Targets on CPU (fwd+bwd ratio to conv3x3; native/reference speed-up).
+TARGETS = {"dk_s4": 3.0, "dk_s3": 3.0, "dc": 3.0}
+MIN_SPEEDUP_VS_REFERENCE = 10.0
+
+# (name, N, C_in, C_out, H=W, groups)
+SHAPES = [
+    ("56x56_c64", 8, 64, 64, 56, 1),
+    ("14x14_c256", 8, 256, 256, 14, 1),
+    ("56x56_c256_dw", 8, 256, 256, 56, 256),
+]
+
+NATIVE_OPS = ["dk_s4", "dk_s3", "dk_global", "dk_dc", "dc"]
+REFERENCE_OPS = ["dk_s4", "dk_dc", "dc"]
+
+
+def _op_api():
+    """The public functions (backend="native"/"reference"), or None before they exist."""
+    try:
+        import erftool.ops as ops
+
+        return ops
+    except Exception:  # pragma: no cover - only while erftool.ops is being written
+        return None
+
+
+class Problem:
+    """Tensors of one shape, reused by every op."""
+
+    def __init__(self, n, cin, cout, hw, groups, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.groups = groups
+        self.k = 3
+        taps = self.k * self.k
+        self.x = torch.randn(n, cin, hw, hw, generator=g)
+        self.w3 = torch.randn(cout, cin // groups, 3, 3, generator=g) * 0.1
+        self.w4 = torch.randn(cout, cin // groups, 4, 4, generator=g) * 0.1
+        self.koff = 0.5 * torch.randn(n, 2 * taps, hw, hw, generator=g)
+        self.koff_global = 0.5 * torch.randn(n, 2 * taps, generator=g)
+        self.doff = torch.randn(n, 2 * taps, hw, hw, generator=g)
+        self.mask = torch.rand(n, taps, hw, hw, generator=g)
+        self.grad = torch.randn(n, cout, hw, hw, generator=g)
+
+
+def _leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_()
+
+
+def make_call(ops, name, p: Problem, backend):
+    """A closure computing the op's output from fresh leaves (for fwd+bwd)."""
+    dk = lambda x, w, k, d: ops.deform_kernel2d(  # noqa: E731
+        x, w, k, kernel_size=3, padding=1, groups=p.groups, data_offset=d, backend=backend)
+    if name == "conv3x3":
+        return lambda x, w: F.conv2d(x, w, padding=1, groups=p.groups), (p.x, p.w3)
+    if name == "conv4x4":
+        return lambda x, w: F.conv2d(x, w, padding=1, groups=p.groups), (p.x, p.w4)
+    if name == "dk_s4":
+        return lambda x, w, k: dk(x, w, k, None), (p.x, p.w4, p.koff)
+    if name == "dk_s3":
+        return lambda x, w, k: dk(x, w, k, None), (p.x, p.w3, p.koff)
+    if name == "dk_global":
+        return lambda x, w, k: dk(x, w, k, None), (p.x, p.w4, p.koff_global)
+    if name == "dk_dc":
+        return lambda x, w, k, d: dk(x, w, k, d), (p.x, p.w4, p.koff, p.doff)
+    if name == "dc":  # groups come from the weight's shape, as in torchvision
+        return lambda x, o, w, m: ops.deform_conv2d(x, o, w, padding=1, mask=m, backend=backend), (
+            p.x, p.doff, p.w3, p.mask)
+    raise ValueError(name)
+
+
+def timed(fn, repeats, warmup, anchor=None):
+    """Median and min wall time of fn in ms; with an anchor, also the median of
+    per-repeat ratios fn/anchor, the anchor timed right before fn each time so
+    that load from other processes on a shared machine mostly cancels."""
+    for _ in range(warmup):
+        fn()
+    times, ratios = [], []
+    for _ in range(repeats):
+        if anchor is not None:
+            t0 = time.perf_counter()
+            anchor()
+            t_anchor = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if anchor is not None:
+            ratios.append(times[-1] / t_anchor)
+    paired = statistics.median(ratios) if ratios else None
+    return 1e3 * statistics.median(times), 1e3 * min(times), paired
+
+
+def _closures(ops, name, p, backend):
+    fn, tensors = make_call(ops, name, p, backend)
+
+    def forward():
+        with torch.no_grad():
+            fn(*tensors)
+
+    def forward_backward():
+        leaves = [_leaf(t) for t in tensors]
+        out = fn(*leaves)
+        grad = p.grad[..., : out.shape[2], : out.shape[3]] if out.shape != p.grad.shape else p.grad
+        out.backward(grad)
+
+    return forward, forward_backward
+
+
+def measure(ops, name, p, backend, repeats, warmup, anchors=None):
+    fwd_fn, fb_fn = _closures(ops, name, p, backend)
+    a_fwd, a_fb = anchors if anchors else (None, None)
+    fwd = timed(fwd_fn, repeats, warmup, a_fwd)
+    result = {"fwd_ms": fwd[0], "fwd_min_ms": fwd[1]}
+    if fwd[2] is not None:
+        result["paired_ratio_fwd"] = fwd[2]
+    try:
+        fb = timed(fb_fn, repeats, warmup, a_fb)
+        result.update(fwdbwd_ms=fb[0], fwdbwd_min_ms=fb[1])
+        if fb[2] is not None:
+            result["paired_ratio_fwdbwd"] = fb[2]
+    except (RuntimeError, NotImplementedError) as exc:
+        result["fwdbwd_error"] = str(exc).splitlines()[0]
+    return result
+
+
+def run(args):
+    torch.set_num_threads(args.threads)
+    ops = _op_api()
+    if ops is None:
+        sys.exit("erftool.ops is not importable")
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    rows = []
+    for sname, n, cin, cout, hw, groups in shapes:
+        p = Problem(n, cin, cout, hw, groups)
+        anchors = _closures(ops, "conv3x3", p, None)
+        base = {}
+        for name in ["conv3x3", "conv4x4"]:
+            base[name] = measure(ops, name, p, None, args.repeats, args.warmup)
+            rows.append(dict(shape=sname, op=name, backend="onednn", **base[name]))
+            _print(rows[-1], base["conv3x3"])
+        for name in NATIVE_OPS:
+            r = measure(ops, name, p, "native", args.repeats, args.warmup, anchors)
+            rows.append(dict(shape=sname, op=name, backend="native", **r))
+            _print(rows[-1], base["conv3x3"])
+        if not args.no_reference:
+            for name in REFERENCE_OPS:  # slow: no warm-up, few repeats
+                r = measure(ops, name, p, "reference", args.ref_repeats, 0)
+                rows.append(dict(shape=sname, op=name, backend="reference", **r))
+                _print(rows[-1], base["conv3x3"])
+    _add_ratios(rows)
+    _summary(rows)
+    if args.json:
+        meta = dict(threads=args.threads, repeats=args.repeats, torch=torch.__version__,
+                    cpu=_cpu_name(), machine=platform.machine(), dtype="float32")
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"wrote {args.json}")
+
+
+def _add_ratios(rows):
+    conv = {r["shape"]: r for r in rows if r["op"] == "conv3x3"}
+    native = {(r["shape"], r["op"]): r for r in rows if r["backend"] == "native"}
+    for r in rows:
+        c = conv[r["shape"]]
+        r["ratio_fwd"] = r["fwd_ms"] / c["fwd_ms"]
+        if "fwdbwd_ms" in r:
+            r["ratio_fwdbwd"] = r["fwdbwd_ms"] / c["fwdbwd_ms"]
+        if r["backend"] == "reference" and (r["shape"], r["op"]) in native:
+            nat = native[(r["shape"], r["op"])]
+            r["speedup_native_fwd"] = r["fwd_ms"] / nat["fwd_ms"]
+            if "fwdbwd_ms" in r and "fwdbwd_ms" in nat:
+                r["speedup_native_fwdbwd"] = r["fwdbwd_ms"] / nat["fwdbwd_ms"]
+
+
+def _print(r, conv):
+    fb = r.get("fwdbwd_ms")
+    ratio_f = r["fwd_ms"] / conv["fwd_ms"]
+    text = f"{r['shape']:16s} {r['op']:10s} {r['backend']:9s} fwd {r['fwd_ms']:9.1f} ms ({ratio_f:5.2f}x)"
+    if "paired_ratio_fwd" in r:
+        text += f" [paired {r['paired_ratio_fwd']:5.2f}x]"
+    if fb is not None:
+        text += f"  fwd+bwd {fb:9.1f} ms ({fb / conv['fwdbwd_ms']:5.2f}x)"
+    if "paired_ratio_fwdbwd" in r:
+        text += f" [paired {r['paired_ratio_fwdbwd']:5.2f}x]"
+    elif "fwdbwd_error" in r:
+        text += f"  fwd+bwd: {r['fwdbwd_error']}"
+    print(text, flush=True)
+
+
+def _summary(rows):
+    print("\nchecks (fwd+bwd ratio to conv3x3; native speed-up over the reference):")
+    for r in rows:
+        if r["backend"] == "native" and r["op"] in TARGETS and "ratio_fwdbwd" in r:
+            ratio = r.get("paired_ratio_fwdbwd", r["ratio_fwdbwd"])
+            ok = ratio <= TARGETS[r["op"]]
+            print(f"  {r['shape']:16s} {r['op']:8s} {ratio:5.2f}x (paired) "
+                  f"(target <= {TARGETS[r['op']]}x) {'ok' if ok else 'MISSED'}")
+        if "speedup_native_fwdbwd" in r:
+            ok = r["speedup_native_fwdbwd"] >= MIN_SPEEDUP_VS_REFERENCE
+            print(f"  {r['shape']:16s} {r['op']:8s} native {r['speedup_native_fwdbwd']:6.1f}x "
+                  f"faster than reference (target >= {MIN_SPEEDUP_VS_REFERENCE}x) "
+                  f"{'ok' if ok else 'MISSED'}")
+
+
+def _cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--ref-repeats", type=int, default=1)
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="first shape only")
+    ap.add_argument("--json", help="write the results to this file")
+    run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Native CPU kernels, cases specific to the implementation: chunking of the
+column buffer (whole images and output rows), empty problems, NaN/Inf
+offsets, the depthwise and grouped layouts, mask without data offsets, the
+fp32 oneDNN GEMM path and determinism. The oracle is the pure-PyTorch column
+form of erftool.ops.reference, differentiated by autograd, in float64."""
+import math
+
+import pytest
+import torch
+
+from erftool.ops import _args, _native, reference
+
+pytestmark = pytest.mark.skipif(
+    _native.load_native() is None, reason=f"native module unavailable: {_native.native_error()}")
+
+DEFAULT_CHUNK = 256 << 20
+
+
+def native_forward(t, cfg, chunk=DEFAULT_CHUNK):
+    return torch.ops.erftool_native.deform_forward(
+        t["input"], t["weight"], t.get("koff"), t.get("doff"), t.get("mask"), *_args_of(cfg),
+        chunk)
+
+
+def native_backward(grad, t, cfg, chunk=DEFAULT_CHUNK, mask5=(True,) * 5):
+    return torch.ops.erftool_native.deform_backward(
+        grad, t["input"], t["weight"], t.get("koff"), t.get("doff"), t.get("mask"),
+        *_args_of(cfg), chunk, list(mask5))
+
+
+def _args_of(cfg):
+    return (list(cfg["k"]), list(cfg["s"]), list(cfg["p"]), list(cfg["d"]), cfg["groups"],
+            cfg["G"], cfg["DG"])
+
+
+def config(**kw):
+    cfg = dict(N=2, C=4, O=4, H=6, W=7, k=(3, 3), S=(4, 4), s=(1, 1), p=(1, 1), d=(1, 1),
+               groups=1, G=1, DG=1, koff=True, doff=False, mask=False)
+    cfg.update(kw)
+    return cfg
+
+
+def out_size(cfg):
+    return tuple((cfg["H" if i == 0 else "W"] + 2 * cfg["p"][i] - cfg["d"][i] * (cfg["k"][i] - 1)
+                  - 1) // cfg["s"][i] + 1 for i in range(2))
+
+
+def make(cfg, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ho, wo = out_size(cfg)
+    taps = cfg["k"][0] * cfg["k"][1]
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    t = {"input": r(cfg["N"], cfg["C"], cfg["H"], cfg["W"]),
+         "weight": r(cfg["O"], cfg["C"] // cfg["groups"], *cfg["S"])}
+    if cfg["koff"]:
+        t["koff"] = r(cfg["N"], 2 * cfg["G"] * taps, ho, wo, scale=0.8)
+    if cfg["doff"]:
+        t["doff"] = r(cfg["N"], 2 * cfg["DG"] * taps, ho, wo, scale=1.5)
+    if cfg["mask"]:
+        t["mask"] = torch.rand(cfg["N"], cfg["DG"] * taps, ho, wo, generator=g,
+                               dtype=torch.float64).to(dtype)
+    return t
+
+
+def reference_forward(t, cfg):
+    geom = _args.Geometry(tuple(cfg["k"]), tuple(cfg["s"]), tuple(cfg["p"]), tuple(cfg["d"]),
+                          cfg["groups"], cfg["G"], cfg["DG"], out_size(cfg))
+    return reference.deform_column_conv(
+        t["input"], t["weight"], t.get("koff"), "local", t.get("doff"), t.get("mask"), None, geom)
+
+
+NAMES = ["input", "weight", "koff", "doff", "mask"]
+
+
+def reference_grads(t, cfg, grad):
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in t.items()}
+    out = reference_forward(leaves, cfg)
+    names = [n for n in NAMES if n in leaves]
+    grads = torch.autograd.grad(out, [leaves[n] for n in names], grad)
+    return out.detach(), dict(zip(names, grads))
+
+
+def check_against_reference(cfg, chunk=DEFAULT_CHUNK):
+    t = make(cfg)
+    ho, wo = out_size(cfg)
+    grad = torch.randn(cfg["N"], cfg["O"], ho, wo, dtype=torch.float64)
+    out_r, grads_r = reference_grads(t, cfg, grad)
+    torch.testing.assert_close(native_forward(t, cfg, chunk), out_r, rtol=1e-10, atol=1e-10)
+    grads_n = dict(zip(NAMES, native_backward(grad, t, cfg, chunk)))
+    for name, expected in grads_r.items():
+        torch.testing.assert_close(grads_n[name], expected, rtol=1e-9, atol=1e-9,
+                                   msg=lambda m: f"grad of {name}: {m}")
+    for name in NAMES:
+        if name not in t:
+            assert grads_n[name] is None
+
+
+CASES = {
+    "dk_scope4": config(),
+    "dk_scope3": config(S=(3, 3)),
+    "rigid_centred_scope": config(koff=False),
+    "dc_v1": config(koff=False, S=(3, 3), doff=True),
+    "dc_v2_scope4": config(koff=False, doff=True, mask=True),
+    "dk_dc_mask": config(doff=True, mask=True),
+    "mask_rigid_grid": config(mask=True),
+    "groups_offset_groups": config(C=8, O=6, groups=2, G=4, DG=2, doff=True, mask=True),
+    "offset_groups_across_weight_groups": config(C=6, O=4, groups=2, G=3, DG=3, doff=True),
+    "depthwise_dk": config(C=8, O=8, groups=8, G=2),
+    "depthwise_dk_dc": config(C=8, O=8, groups=8, G=2, DG=4, doff=True, mask=True),
+    "depthwise_dc": config(C=8, O=8, groups=8, koff=False, S=(3, 3), doff=True),
+    "channel_multiplier": config(C=4, O=8, groups=4, doff=True),
+    "stride_dilation_nonsquare": config(k=(2, 3), S=(3, 5), s=(2, 1), p=(0, 2), d=(2, 1),
+                                        H=9, W=8, doff=True, mask=True),
+    "odd_scope_margin": config(k=(1, 3), S=(2, 4), s=(1, 2), p=(1, 0), d=(1, 2), G=2, H=6, W=9),
+    "large_offsets": config(doff=True, G=2, DG=2),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_float64(name):
+    check_against_reference(CASES[name])
+
+
+@pytest.mark.parametrize("name", ["dk_dc_mask", "depthwise_dk_dc", "groups_offset_groups"])
+def test_chunk_of_one_position_matches_reference(name):
+    # chunk_bytes = 1: every chunk is one output row of one image.
+    check_against_reference(CASES[name], chunk=1)
+
+
+def test_chunk_sizes_agree():
+    cfg = config(N=5, C=6, O=5, H=9, W=8, groups=1, G=3, DG=2, doff=True, mask=True)
+    t = make(cfg)
+    ho, wo = out_size(cfg)
+    grad = torch.randn(cfg["N"], cfg["O"], ho, wo, dtype=torch.float64)
+    row_bytes = (16 * 6 + 5) * 8 * wo
+    results = []
+    for chunk in [DEFAULT_CHUNK, 2 * ho * row_bytes, 3 * row_bytes, 1]:  # 2 images, 3 rows, 1 row
+        results.append((native_forward(t, cfg, chunk), native_backward(grad, t, cfg, chunk)))
+    for out, grads in results[1:]:
+        torch.testing.assert_close(out, results[0][0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads, results[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cfg", [config(N=0), config(O=0), config(N=0, doff=True, mask=True)],
+                         ids=["batch0", "cout0", "batch0_dc"])
+def test_empty_problems(cfg):
+    t = make(cfg)
+    ho, wo = out_size(cfg)
+    out = native_forward(t, cfg)
+    assert out.shape == (cfg["N"], cfg["O"], ho, wo)
+    grads = native_backward(torch.zeros_like(out), t, cfg)
+    for name, g in zip(NAMES, grads):
+        if name in t:
+            assert g.shape == t[name].shape and not g.any()
+
+
+def test_output_mask_leaves_unwanted_gradients_undefined():
+    cfg = config(doff=True, mask=True)
+    t = make(cfg)
+    grad = torch.ones(cfg["N"], cfg["O"], *out_size(cfg), dtype=torch.float64)
+    for i in range(5):
+        wanted = [j == i for j in range(5)]
+        grads = native_backward(grad, t, cfg, mask5=wanted)
+        assert [g is not None for g in grads] == wanted
+        full = native_backward(grad, t, cfg)[i]
+        torch.testing.assert_close(grads[i], full, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 4], ids=["dense", "depthwise"])
+def test_nan_and_inf_offsets_read_nothing(groups):
+    cfg = config(C=4, O=4, groups=groups, doff=True, mask=True)
+    t = make(cfg)
+    bad = {}
+    for name in ["koff", "doff"]:
+        v = t[name].clone()
+        v.view(-1)[::7] = math.nan
+        v.view(-1)[3::11] = math.inf
+        v.view(-1)[5::13] = -math.inf
+        bad[name] = v
+    t_bad = dict(t, **bad)
+    # Non-finite offsets behave like offsets far outside the grid: zero taps.
+    t_far = dict(t, **{k: torch.where(torch.isfinite(v), v, torch.full_like(v, 1e6))
+                       for k, v in bad.items()})
+    out = native_forward(t_bad, cfg)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, native_forward(t_far, cfg), rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for a, b in zip(native_backward(grad, t_bad, cfg), native_backward(grad, t_far, cfg)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_gemm_path_matches_float64():
+    cfg = config(N=2, C=16, O=12, H=10, W=9, groups=2, G=2, doff=True, mask=True)
+    t64 = make(cfg)
+    t32 = {k: v.float() for k, v in t64.items()}
+    grad = torch.randn(cfg["N"], cfg["O"], *out_size(cfg), dtype=torch.float64)
+    torch.testing.assert_close(native_forward(t32, cfg).double(), native_forward(t64, cfg),
+                               rtol=1e-4, atol=1e-4)
+    for a, b in zip(native_backward(grad.float(), t32, cfg), native_backward(grad, t64, cfg)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
+
+
+def test_depthwise_results_do_not_depend_on_thread_count():
+    # The depthwise path has no GEMM: every reduction order is fixed by the
+    # kernels, so the results are bitwise identical whatever the threads.
+    cfg = config(N=3, C=16, O=16, H=11, W=10, groups=16, G=2, DG=2, doff=True, mask=True)
+    t = {k: v.float() for k, v in make(cfg).items()}
+    grad = torch.randn(cfg["N"], cfg["O"], *out_size(cfg))
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in [1, 2, 3]:
+            torch.set_num_threads(n)
+            runs.append((native_forward(t, cfg), native_backward(grad, t, cfg)))
+    finally:
+        torch.set_num_threads(threads)
+    for out, grads in runs[1:]:
+        assert torch.equal(out, runs[0][0])
+        for a, b in zip(grads, runs[0][1]):
+            assert torch.equal(a, b)
