@@ -66,7 +66,7 @@ def main():
               help="How gradients become an ERF map.")
 @click.option("--arch", default=None, help="Architecture, for checkpoints that do not "
               "record it (see `erftool models`).")
-@click.option("--out", default="erf-compare", show_default=True, type=click.Path(),
+@click.option("--out", default="erf-out", show_default=True, type=click.Path(),
               help="Output folder.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="png", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Seed for synthetic data.")
@@ -102,8 +102,9 @@ def compare(checkpoints, images, synthetic, layer, position, object_centres, rul
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--image", "image", required=True, type=click.Path(),
-              help="Image file, or 'synthetic[:SEED]' for a generated image with objects.")
+@click.option("--image", "image", default=None, type=click.Path(),
+              help="Image file, or 'synthetic[:SEED]' for a generated image with objects; "
+                   "default: the sample photo shipped with matplotlib.")
 @click.option("--layer", default=None, help="Probed layer; default: last spatial map.")
 @click.option("--position", default=None, metavar="Y,X", help="Probed unit on the layer's map.")
 @click.option("--rule", type=click.Choice(RULES), default="abs", show_default=True)
@@ -134,18 +135,22 @@ def heatmap(checkpoint, image, layer, position, rule, arch, out, fmt, device, qu
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--quick", is_flag=True, help="Fewer configurations per check (seconds).")
+@click.option("--backend", type=click.Choice(["reference", "native", "auto"]), default=None,
+              help="Operator backend for the deformable layers (default: the suite's).")
 @_quiet_option
-def verify(as_json, quiet):
+def verify(as_json, quick, backend, quiet):
     """Run the theory checks (exact ERF formulas for linear networks).
 
     Prints check, formula, max error, tolerance and verdict; exits 1 if any fails.
 
     \b
     Example:
+      erftool verify --quick
       erftool verify --json > verify.json
     """
     from erftool.cli_utils_verify import format_table, run_checks
-    rows = run_checks(Console(quiet or as_json))
+    rows = run_checks(Console(quiet), quick=quick, backend=backend)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

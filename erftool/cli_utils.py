@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import click
-import numpy as np
 
 try:  # the project's own error type, where the model-zoo part provides it
     from erftool.errors import ErftoolError
@@ -23,9 +22,6 @@ except ImportError:  # pragma: no cover - only while that module does not exist 
 # and keeps its traceback.
 USER_ERRORS = (ErftoolError, ValueError, FileNotFoundError, NotADirectoryError,
                IsADirectoryError, PermissionError)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm",
-                  ".pgm")
 
 
 class CliFailure(click.ClickException):
@@ -128,35 +124,3 @@ def resolve_device(name: str):
         raise ValueError("--device cuda was requested but no CUDA GPU is available "
                          "(torch.cuda.is_available() is False); use --device cpu")
     return torch.device(name)
-
-
-# ---------------------------------------------------------------- images
-
-def image_files(folder: str | os.PathLike) -> list[Path]:
-    d = Path(folder)
-    if not d.exists():
-        raise FileNotFoundError(2, "No such image folder", str(d))
-    if not d.is_dir():
-        raise ValueError(f"--images {d} is not a folder")
-    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...) in folder {d}")
-    return files
-
-
-def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
-    """An image file -> float32 (H, W, 3) in [0, 1], resized to `size` (H, W) if given."""
-    from PIL import Image, UnidentifiedImageError  # matplotlib depends on Pillow
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(2, "No such image file", str(p))
-    try:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if size is not None and (im.height, im.width) != tuple(size):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            return np.asarray(im, dtype=np.float32) / 255.0
-    except UnidentifiedImageError:
-        raise ValueError(f"not an image (or an unsupported format): {p}") from None
-    except OSError as err:
-        raise ValueError(f"cannot read image {p}: {err}") from None

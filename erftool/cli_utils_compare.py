@@ -12,8 +12,9 @@ import numpy as np
 
 from erftool import plotting
 from erftool.cli_utils import Console, parse_position, resolve_device, staged_output
-from erftool.cli_utils_models import (Inputs, bundled_checkpoints, folder_inputs, in_channels,
-                                      load_model, require, unique_names)
+from erftool.cli_utils_models import (Inputs, bundled_checkpoints, file_inputs, folder_inputs,
+                                      in_channels, load_model, preprocessing, require,
+                                      unique_names)
 
 DEFAULT_SYNTHETIC = 8  # images when no input is named: enough for a stable mean, fast on CPU
 
@@ -42,6 +43,7 @@ class ModelERF:
     result: object                      # erftool.erf.ERFResult
     rf_box: tuple | None = None         # end-exclusive (y0, x0, y1, x1) in input pixels
     marker: tuple | None = None         # probed unit, in input pixels, for drawing
+    marker_exact: bool = False          # marker from an unclipped RF box (not estimated)
     row: dict = field(default_factory=dict)
 
 
@@ -52,11 +54,11 @@ def synthetic_inputs(n: int, seed: int, channels: int) -> Inputs:
     return synthetic_batch(n, seed, channels)
 
 
-def resolve_inputs(req: CompareRequest, channels: int) -> Inputs:
+def resolve_inputs(req: CompareRequest, channels: int, prep: dict) -> Inputs:
     if req.images:
         if req.object_centres:
             raise ValueError("--object-centres needs synthetic images (their objects are known)")
-        return folder_inputs(req.images, channels)
+        return folder_inputs(req.images, channels, prep)
     return synthetic_inputs(req.synthetic or DEFAULT_SYNTHETIC, req.seed, channels)
 
 
@@ -86,17 +88,30 @@ def _layer_to_input(pos, layer_size, input_size):
     return tuple((p + 0.5) * i / l - 0.5 for p, l, i in zip(pos, layer_size, input_size))
 
 
-def probe_marker(res, input_size, index: int = 0):
+def probe_marker(res, input_size, index: int = 0, exact: bool = False):
     """Where to draw the probed unit: the centre of its theoretical RF when the RF lies
-    inside the image (exact for symmetric padding), else the cell's pixel block."""
+    inside the image (exact for symmetric padding), else the cell's pixel block.
+    With exact=True, also say which of the two it is."""
     box = None if res.rf_boxes is None else res.rf_boxes[index]
     lp = res.protocol["positions"][index] if res.protocol.get("positions") else None
     if box is not None and box.min() >= 0 and box[0] > 0 and box[1] > 0 \
             and box[2] < input_size[0] - 1 and box[3] < input_size[1] - 1:
-        return ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-    if lp is None:
-        return None
-    return _layer_to_input(lp, res.protocol["layer_size"], input_size)
+        mark = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        return (mark, True) if exact else mark
+    mark = None if lp is None else _layer_to_input(lp, res.protocol["layer_size"], input_size)
+    return (mark, False) if exact else mark
+
+
+def share_markers(erfs) -> None:
+    """Models probed at the same unit of same-sized maps share one marker: an exact
+    (unclipped-RF) one replaces the estimates of models whose RF box is clipped."""
+    def key(e):
+        p = e.result.protocol
+        return (tuple(p["layer_size"]), str(p.get("positions")))
+    exact = {key(e): e.marker for e in erfs if e.marker_exact}
+    for e in erfs:
+        if not e.marker_exact and key(e) in exact:
+            e.marker = exact[key(e)]
 
 
 def model_erf(name, model, inputs: Inputs, *, layer, position, object_centres, rule, device):
@@ -123,10 +138,11 @@ def model_erf(name, model, inputs: Inputs, *, layer, position, object_centres, r
         marker = (size[0] // 2, size[1] // 2)
     else:
         res = erf.compute_erf(model, x, layer=layer, rule=rule, position=position, device=device)
-        marker = probe_marker(res, tuple(x.shape[-2:]))
+        marker, exact = probe_marker(res, tuple(x.shape[-2:]), exact=True)
         m = res.maps[0]
     return ModelERF(name=name, map=np.asarray(m, dtype=np.float64), result=res,
-                    rf_box=_exclusive(res.rf_box), marker=marker)
+                    rf_box=_exclusive(res.rf_box), marker=marker,
+                    marker_exact=object_centres or exact)
 
 
 def flat_metrics(e: ModelERF) -> dict:
@@ -217,13 +233,14 @@ def run_compare(req: CompareRequest, console: Console) -> Path:
         channels = {in_channels(m) for _, m in models}
         if len(channels) > 1:
             raise ValueError(f"the checkpoints expect different input channels {sorted(channels)}")
-        inputs = resolve_inputs(req, channels.pop())
+        inputs = resolve_inputs(req, channels.pop(), preprocessing(models[0][1]))
         erfs = []
         with console.progress(models, "computing ERFs") as bar:
             for name, model in bar:
                 erfs.append(model_erf(name, model, inputs, layer=req.layer, position=position,
                                       object_centres=req.object_centres, rule=req.rule,
                                       device=device))
+        share_markers(erfs)
         rows = [flat_metrics(e) for e in erfs]
         figures = write_compare_outputs(req, erfs, inputs, rows, tmp, console)
         write_compare_report(req, erfs, inputs, rows, figures, tmp)
@@ -294,6 +311,8 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
     model = load_model(checkpoint, arch, dev)
     channels = in_channels(model)
     name = Path(checkpoint).stem
+    if image is None:
+        image = require("erftool.data").sample_image_path()
     if str(image).startswith("synthetic"):
         seed = _synthetic_seed(image)
         inputs = synthetic_inputs(1, seed, channels)
@@ -320,7 +339,7 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
         display, what = inputs.display[0], f"synthetic image (seed {seed})"
         count = 1
     else:
-        inputs = _single_image(image, channels)
+        inputs = file_inputs(image, channels, preprocessing(model))
         res = erf.compute_erf(model, inputs.images, layer=layer, rule=rule, position=pos,
                               device=dev)
         emap, boxes = res.maps[0], [_exclusive(res.rf_box)]
@@ -348,22 +367,6 @@ def _synthetic_seed(spec: str) -> int:
     if head != "synthetic" or not tail.lstrip("-").isdigit():
         raise ValueError(f"--image {spec!r}: use a file path or 'synthetic[:SEED]'")
     return int(tail)
-
-
-def _single_image(path, channels) -> Inputs:
-    import torch
-    from erftool.cli_utils import read_image
-    from erftool.cli_utils_models import MAX_SIDE, _normalise, _to_channels
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"--image {p} is a folder; give one image file")
-    arr = read_image(p)
-    h, w = arr.shape[:2]
-    if max(h, w) > MAX_SIDE:
-        f = MAX_SIDE / max(h, w)
-        arr = read_image(p, (max(8, round(h * f)), max(8, round(w * f))))
-    x = torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
-    return Inputs(images=_to_channels(_normalise(x), channels), display=[arr], source=p.name)
 
 
 # ---------------------------------------------------------------- train

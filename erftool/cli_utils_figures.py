@@ -39,12 +39,14 @@ def _stack(n: int, weights):
     return nn.Sequential(*layers).eval()
 
 
-def growth_data(depths=GROWTH_DEPTHS, draws: int = GROWTH_DRAWS, seed: int = 0):
+def growth_data(depths=None, draws: int | None = None, seed: int = 0):
     """Measured per-axis ERF sigma (mean of sigma_y, sigma_x) of n-layer 3x3 linear stacks:
     uniform weights (signed ERF) and random N(0, 1) weights (the sum of g^2 over `draws`
     independent stacks, whose shape Luo et al. show equals the uniform one)."""
     import torch
     erf = require("erftool.erf")
+    depths = tuple(depths or GROWTH_DEPTHS)
+    draws = int(draws or GROWTH_DRAWS)
     size = 2 * max(depths) + 9  # the whole theoretical RF fits, with a margin
     gen = torch.Generator().manual_seed(seed)
     uniform, random = [], []

@@ -10,7 +10,6 @@ from typing import Sequence
 
 import numpy as np
 
-from erftool.cli_utils import image_files, read_image
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 # Bundled checkpoints are shown in the paper's column order when present.
@@ -74,6 +73,11 @@ def load_model(path: str | Path, arch: str | None, device):
             raise
         raise ValueError(f"cannot load checkpoint {p}: {type(err).__name__}: {err}") from None
     model = loaded[0] if isinstance(loaded, tuple) else getattr(loaded, "model", loaded)
+    # What the file records wins over the zoo defaults (input size, mean / std).
+    prep = getattr(loaded, "preprocessing", None)
+    if prep is not None and hasattr(prep, "to_dict"):
+        model.erftool_preprocessing = prep.to_dict()
+    model.erftool_metadata = dict(getattr(loaded, "metadata", {}) or {})
     return model.to(device).eval()
 
 
@@ -116,28 +120,73 @@ def _to_channels(x, channels: int):
     raise ValueError(f"images have {c} channels but the model expects {channels}")
 
 
-def folder_inputs(folder, channels: int) -> Inputs:
-    """Every image of a folder, resized to the first image's size (at most MAX_SIDE)."""
+def preprocessing(model) -> dict:
+    """The model's input size / mean / std, as the zoo records them (may be empty)."""
+    prep = getattr(model, "erftool_preprocessing", None)
+    return dict(prep) if isinstance(prep, dict) else {}
+
+
+def normalise(x, prep: dict):
+    """(x - mean) / std per channel, when the model records them."""
     import torch
-    files = image_files(folder)
-    first = read_image(files[0])
-    h, w = first.shape[:2]
+    mean, std = prep.get("mean"), prep.get("std")
+    if mean is None or std is None:
+        return x
+    m = torch.as_tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    if m.shape[1] not in (1, x.shape[1]):
+        return x
+    return (x - m) / s
+
+
+def image_size(first_shape, prep: dict) -> tuple[int, int]:
+    """The model's own input size if it records one, else the image's (<= MAX_SIDE)."""
+    if prep.get("input_size"):
+        return tuple(int(v) for v in prep["input_size"])
+    h, w = first_shape[-2:]
     if max(h, w) > MAX_SIDE:
         f = MAX_SIDE / max(h, w)
         h, w = max(8, round(h * f)), max(8, round(w * f))
-    arrays = [read_image(p, (h, w)) for p in files]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    x = _normalise(x)
-    return Inputs(images=_to_channels(x, channels), display=arrays,
-                  source=f"folder {folder}")
+    return int(h), int(w)
 
 
-def _normalise(x):
-    """Apply the dataset's normalisation if erftool.data defines one, so photos and
-    synthetic images reach the models in the same range."""
-    try:
-        data = require("erftool.data")
-    except ValueError:
-        return x
-    fn = getattr(data, "normalize", None) or getattr(data, "normalise", None)
-    return fn(x) if callable(fn) else x
+def _read(path, size):
+    """(3, H, W) in [0, 1] via erftool.data (PNG/JPEG, clear errors), resized to size."""
+    import torch.nn.functional as F
+    data = require("erftool.data")
+    img = data.load_image(path)
+    if tuple(img.shape[-2:]) != tuple(size):
+        img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False,
+                            antialias=True)[0].clamp(0, 1)
+    return img
+
+
+def images_to_inputs(images, channels: int, prep: dict, source: str) -> Inputs:
+    import torch
+    x = torch.stack(images)
+    display = [img.permute(1, 2, 0).numpy() for img in images]
+    return Inputs(images=normalise(_to_channels(x, channels), prep), display=display,
+                  source=source)
+
+
+def folder_inputs(folder, channels: int, prep: dict | None = None) -> Inputs:
+    """Every image of a folder, resized to the model's input size (or the first
+    image's, at most MAX_SIDE) and normalised as the model expects."""
+    prep = prep or {}
+    data = require("erftool.data")
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--images {p} is a file; give a folder (or use `erftool heatmap`)")
+    files = data.image_files(p)
+    size = image_size(data.load_image(files[0]).shape, prep)
+    return images_to_inputs([_read(f, size) for f in files], channels, prep, f"folder {p}")
+
+
+def file_inputs(path, channels: int, prep: dict | None = None) -> Inputs:
+    prep = prep or {}
+    data = require("erftool.data")
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--image {p} is a folder; give one image file")
+    size = image_size(data.load_image(p).shape, prep)
+    return images_to_inputs([_read(p, size)], channels, prep, p.name)

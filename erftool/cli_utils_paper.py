@@ -170,16 +170,19 @@ def figure_sampling(seed: int):
 # ---------------------------------------------------------------- (3) ERF size vs scale
 
 def erf_sizes(model, inputs):
-    """(object scales, ERF r50 radii) over every object of `inputs`."""
+    """(object scales, ERF sigmas) over every object of `inputs`; sigma is the RMS of
+    the per-axis standard deviations of |ERF| mass, sqrt((sy^2 + sx^2) / 2), which
+    varies continuously (ring-binned radii move in whole pixels)."""
+    erf = require("erftool.erf")
     objs = _objects(inputs)
     idx = [o[0] for o in objs]
     centres = [o[1] for o in objs]
     res = _erf_at(model, inputs.images[idx], centres, per_image=True)
-    radii = []
-    for m, c in zip(res.per_image[:, 0], centres):
-        _, _, cum = plotting.radial_profile(m, None)
-        radii.append(plotting.mass_radius(cum, 0.5))
-    return np.array([o[3] for o in objs], dtype=float), np.array(radii), res
+    sig = []
+    for m in res.per_image[:, 0]:
+        sy, sx = erf.metrics.axis_std(np.abs(m.astype(np.float64)))
+        sig.append(float(np.sqrt((sy * sy + sx * sx) / 2)))
+    return np.array([o[3] for o in objs], dtype=float), np.array(sig), res
 
 
 def figure_scaling(seed: int):
@@ -191,7 +194,7 @@ def figure_scaling(seed: int):
         series[name] = (scales, radii)
         layer, count = res.protocol.get("layer") or "<output>", len(scales)
     return plotting.scaling_figure(
-        series, size_label="ERF radius holding 50% of |ERF| mass (px)",
+        series, size_label="ERF size σ = √((σy² + σx²)/2) of |ERF| mass (px)",
         scale_label="object size (px, exact from the generator)",
         title=f"ERF size vs object scale: layer {layer}, rule {RULE}, {count} objects in "
               f"{inputs.count} synthetic images (seed {seed})")

@@ -29,9 +29,10 @@ def _row(raw) -> dict:
     passed = d.get("passed", d.get("ok"))
     if passed is None:
         passed = bool(err is not None and tol is not None and float(err) <= float(tol))
+    def num(v):  # NaN/inf become null: JSON has no NaN
+        return None if v is None or not math.isfinite(float(v)) else float(v)
     row = {"check": str(name), "formula": str(d.get("formula", "")),
-           "max_error": None if err is None else float(err),
-           "tolerance": None if tol is None else float(tol), "passed": bool(passed),
+           "max_error": num(err), "tolerance": num(tol), "passed": bool(passed),
            "verdict": "PASS" if passed else "FAIL"}
     for k, v in d.items():  # keep anything extra the suite reports (details, n, ...)
         if k not in row and k not in ("name", "error", "tol", "ok"):
@@ -40,24 +41,36 @@ def _row(raw) -> dict:
 
 
 def _suite():
-    """The theory suite's entry point: a callable returning check results."""
+    """The theory suite: erftool.theory.run_checks(quick=, backend=, names=)."""
     theory = require("erftool.theory")
-    for mod in (theory, getattr(theory, "checks", None), getattr(theory, "suite", None)):
-        if mod is None:
-            continue
-        for attr in ("run_checks", "run_all", "verify", "run_suite", "run"):
-            fn = getattr(mod, attr, None)
-            if callable(fn):
-                return fn
-    raise ValueError("erftool.theory provides no check suite (run_checks) in this installation")
+    fn = getattr(theory, "run_checks", None)
+    if not callable(fn):
+        raise ValueError("erftool.theory provides no run_checks in this installation")
+    return fn
 
 
-def run_checks(console: Console) -> list[dict]:
+def _check_names() -> list[str]:
+    """Names of the suite's check functions, to run (and show progress) one by one."""
+    try:
+        checks = require("erftool.theory.checks")
+    except ValueError:
+        return []
+    return [f.__name__ for f in getattr(checks, "CHECKS", [])]
+
+
+def run_checks(console: Console, quick: bool = False, backend: str | None = None) -> list[dict]:
     fn = _suite()
-    console.info("running the theory checks ...")
-    raw = fn()
-    if isinstance(raw, dict) and "checks" in raw:
-        raw = raw["checks"]
+    kwargs = {"quick": quick}
+    if backend:
+        kwargs["backend"] = backend
+    names = _check_names()
+    raw = []
+    if names:
+        with console.progress(names, "theory checks") as bar:
+            for name in bar:
+                raw += list(fn(names=[name], **kwargs))
+    else:
+        raw = list(fn(**kwargs))
     return [_row(r) for r in raw]
 
 
@@ -78,6 +91,9 @@ def format_table(rows: list[dict]) -> str:
     out.append("  ".join("-" * widths[i] for i in order))
     for row in cells:
         out.append("  ".join(row[i].ljust(widths[i]) for i in order).rstrip())
+    for r in rows:  # say why a check failed, under the table
+        if not r["passed"] and r.get("detail"):
+            out.append(f"  {r['check']}: {r['detail']}")
     passed = sum(r["passed"] for r in rows)
     out.append(f"\n{passed}/{len(rows)} checks passed")
     return "\n".join(out)

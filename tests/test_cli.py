@@ -140,9 +140,9 @@ def _not_image(tmp_path):
 
 @pytest.mark.parametrize("case, extra, message", [
     ("missing checkpoint", ["/nonexistent/a.pt"], "No such checkpoint"),
-    ("empty image folder", ["--images", "{empty}"], "no images"),
-    ("missing image folder", ["--images", "/nonexistent/dir"], "No such image folder"),
-    ("not an image", ["--images", "{bad}"], "not an image"),
+    ("empty image folder", ["--images", "{empty}"], "contains no PNG or JPEG"),
+    ("missing image folder", ["--images", "/nonexistent/dir"], "does not exist"),
+    ("not an image", ["--images", "{bad}"], "cannot decode image"),
     ("unknown layer", ["--layer", "nope"], "unknown layer"),
     ("position outside", ["--position", "40,1"], "outside"),
     ("bad position text", ["--position", "a,b"], "--position"),
@@ -212,12 +212,20 @@ def test_verify_rows_and_exit_code(monkeypatch):
     from erftool import cli_utils_verify as v
     rows = [{"name": "ones", "formula": "(1+z+z^2)^n", "max_error": 0.0, "tolerance": 1e-12,
              "passed": True}]
-    monkeypatch.setattr(v, "_suite", lambda: (lambda: rows))
+    monkeypatch.setattr(v, "_suite", lambda: (lambda **kw: rows))
+    monkeypatch.setattr(v, "_check_names", lambda: [])
     res = invoke("verify", "--json")
     assert res.exit_code == 0 and json.loads(res.output)[0]["verdict"] == "PASS"
     rows.append({"name": "bad", "formula": "x", "error": 1.0, "tol": 0.1})
     res = CliRunner().invoke(cli.main, ["verify"])
     assert res.exit_code == 1 and "FAIL" in res.output and "1/2 checks passed" in res.output
+
+
+def test_verify_real_suite_as_subprocess():
+    res = _run("verify", "--quick", "--json")
+    rows = json.loads(res.stdout)
+    assert res.returncode == (0 if all(r["passed"] for r in rows) else 1)
+    assert {"check", "formula", "max_error", "tolerance", "verdict"} <= set(rows[0])
 
 
 def test_staged_output_leaves_nothing_on_failure(tmp_path):
@@ -263,3 +271,86 @@ def test_subprocess_help_and_missing_checkpoint(tmp_path):
 def test_console_script_help():
     res = subprocess.run(["erftool", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "verify" in res.stdout
+
+
+# ---------------------------------------------------------------- figures
+
+def _fake_bench(tmp_path):
+    rows = []
+    for shape in ("56x56_c64", "14x14_c256"):
+        rows.append({"shape": shape, "op": "conv3x3", "backend": "onednn", "fwd_ms": 1.0,
+                     "fwdbwd_ms": 3.0})
+        rows.append({"shape": shape, "op": "dk_s4", "backend": "native", "fwd_ms": 2.0,
+                     "fwdbwd_ms": 7.0})
+        rows.append({"shape": shape, "op": "dk_s4", "backend": "reference", "fwd_ms": 90.0})
+    p = tmp_path / "cpu.json"
+    p.write_text(json.dumps({"meta": {"cpu": "test cpu", "threads": 2}, "rows": rows}))
+    return p
+
+
+def test_speed_panels_reads_both_benchmark_layouts(tmp_path):
+    from erftool.cli_utils_figures import speed_panels
+    panels, device = speed_panels(json.loads(_fake_bench(tmp_path).read_text()))
+    assert set(panels) == {"forward", "forward + backward"}
+    assert panels["forward"]["56x56_c64"] == {"conv3x3": 1.0, "dk_s4": 2.0}  # no reference
+    assert "test cpu" in device
+    gpu = {"environment": {"device": "GPU"}, "results": [
+        {"shape": "s", "dtype": "float32", "ms": {"conv2d": {"fwd": 1, "fwd_bwd": 2},
+                                                  "local_dk": {"error": "x"}}},
+        {"shape": "s", "dtype": "bfloat16", "ms": {"conv2d": {"fwd": 9, "fwd_bwd": 9}}}]}
+    panels, device = speed_panels(gpu)
+    assert panels["forward"] == {"s": {"conv2d": 1.0}} and device == "GPU, float32"
+    with pytest.raises(ValueError):
+        speed_panels({"rows": []})
+
+
+def test_figures_speed_and_growth(tmp_path, monkeypatch):
+    from erftool import cli_utils_figures
+    monkeypatch.setattr(cli_utils_figures, "GROWTH_DEPTHS", (1, 2, 4))
+    monkeypatch.setattr(cli_utils_figures, "GROWTH_DRAWS", 2)
+    out = tmp_path / "figs"
+    res = invoke("figures", "--out", str(out), "--only", "op_speed", "--only", "erf_growth",
+                 "--bench-json", str(_fake_bench(tmp_path)), "-q")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["erf_growth.png", "op_speed.png"]
+
+
+def test_figures_bad_input_exit_2(tmp_path, monkeypatch):
+    from erftool import cli_utils_models
+    out = tmp_path / "figs"
+    res = CliRunner().invoke(cli.main, ["figures", "--only", "nope", "--out", str(out)])
+    assert res.exit_code == 2 and "unknown figure" in res.output
+    res = CliRunner().invoke(cli.main, ["figures", "--only", "op_speed", "--bench-json",
+                                        str(tmp_path / "missing.json"), "--out", str(out)])
+    assert res.exit_code == 2 and "No benchmark results" in res.output
+    monkeypatch.setattr(cli_utils_models, "bundled_dir", lambda: tmp_path / "none")
+    res = CliRunner().invoke(cli.main, ["figures", "--only", "erf_comparison", "--out", str(out)])
+    assert res.exit_code == 2 and "no bundled checkpoints" in res.output
+    assert not out.exists()
+
+
+def test_paper_figures_on_tiny_zoo_models(tmp_path, monkeypatch):
+    from erftool import cli_utils_paper
+    from erftool.models import create_model
+    models = []
+    for op in ("rigid", "dc", "dk-local", "dk+dc"):
+        torch.manual_seed(0)
+        m = create_model(f"resnet-tiny-{op}", widths=(4, 4, 4)).eval()
+        with torch.no_grad():  # untrained generators are zero; give them offsets to draw
+            for mod in m.modules():
+                for gen in ("kernel_offset", "data_offset"):
+                    g = getattr(mod, gen, None)
+                    if isinstance(g, nn.Conv2d):
+                        g.weight.normal_(0, 0.05)
+        models.append((op, m))
+    monkeypatch.setattr(cli_utils_paper, "_models", lambda: models)
+    monkeypatch.setattr(cli_utils_paper, "SCALE_IMAGES", 4)
+    out = tmp_path / "figs"
+    res = invoke("figures", "--out", str(out), "--only", "erf_comparison", "--only",
+                 "kernel_sampling", "--only", "erf_vs_scale", "-q")
+    assert res.exit_code == 0, res.output
+    assert len(list(out.glob("*.png"))) == 3
+    fig = cli_utils_paper.figure_sampling(0)
+    titles = [a.get_title() for a in fig.axes if a.get_title()]
+    assert any("deformable conv" in t for t in titles)
+    assert any("deformable kernel" in t for t in titles)

@@ -106,8 +106,10 @@ def _overlay_rgba(erf: np.ndarray, cmap_name: str = HEAT_CMAP) -> np.ndarray:
     return rgba
 
 
-def _show_image(ax, image, alpha: float = 1.0) -> None:
+def _show_image(ax, image, alpha: float = 1.0, grey: bool = False) -> None:
     img = as_image(image)
+    if grey and img.ndim == 3:
+        img = img.mean(axis=2)
     if img.ndim == 2:
         ax.imshow(img, cmap="gray", vmin=0, vmax=1, alpha=alpha, interpolation="nearest")
     else:
@@ -159,7 +161,8 @@ def object_centre_comparison(rows: Sequence[Mapping], models: Sequence[str], *,
         for c, name in enumerate(models):
             ax = axes[r][c]
             e = np.abs(as_map(row["maps"][name]))
-            _show_image(ax, row["image"], alpha=0.55)
+            # Faint image: the object stays recognisable without competing with the ERF.
+            _show_image(ax, row["image"], alpha=0.4, grey=True)
             ax.imshow(_overlay_rgba(e), interpolation="nearest")
             if row.get("box") is not None:
                 _outline(ax, row["box"], BOX_COLOR, "-")

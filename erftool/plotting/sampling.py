@@ -45,10 +45,12 @@ def sampling_figure(rows: Sequence[Mapping], *, title: str = ""):
         if has_dc:
             ax = axes[r][c]
             c += 1
+            img = None
             if row.get("image") is not None:
                 img = as_image(row["image"])
-                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1,
-                          interpolation="nearest")
+                # Grey, so the coloured markers are the only colour in the panel.
+                grey = img.mean(axis=2) if img.ndim == 3 else img
+                ax.imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             if row.get("box") is not None:
                 _outline(ax, row["box"], BOX_COLOR, "-", "object box")
             pts = row.get("dc_points")
@@ -60,6 +62,10 @@ def sampling_figure(rows: Sequence[Mapping], *, title: str = ""):
                 ax.plot([row["centre"][1]], [row["centre"][0]], marker="+", markersize=10,
                         markeredgewidth=1.8, color=MARK_COLOR, linestyle="none",
                         label="object centre")
+            if img is not None:
+                # Points outside the image read zero padding; keep the frame on the image.
+                ax.set_xlim(-0.5, img.shape[1] - 0.5)
+                ax.set_ylim(img.shape[0] - 0.5, -0.5)
             ax.set_ylabel(f"{row['label']}\ny (px)", fontsize=9)
             ax.set_xlabel("x (px)")
             if r == 0:
@@ -79,8 +85,9 @@ def sampling_figure(rows: Sequence[Mapping], *, title: str = ""):
             else:
                 size = int(np.ceil(np.asarray(pts).max())) + 1 if pts is not None else k
             rig = rigid_scope_positions(k, size)
-            ax.scatter(rig[:, 1], rig[:, 0], s=60, facecolors="none", edgecolors=RIGID_COLOR,
-                       linewidths=1.2, label="rigid taps", zorder=3)
+            # White with a black rim: visible on both ends of the colour map.
+            ax.scatter(rig[:, 1], rig[:, 0], s=34, facecolors=RIGID_COLOR, edgecolors="black",
+                       linewidths=1.0, label="rigid taps (zero offset)", zorder=3)
             if pts is not None:
                 p = np.asarray(pts, dtype=float).reshape(-1, 2)
                 ax.scatter(p[:, 1], p[:, 0], s=28, color=DK_COLOR, edgecolors="black",
