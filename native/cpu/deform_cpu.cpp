@@ -178,11 +178,18 @@ struct Chunk {
   int64_t positions(const Geometry& g) const { return nc * rows * g.Wo; }
 };
 
+// Working buffers stay below this even when chunk_bytes allows more: glibc
+// keeps freed blocks under 32 MB for reuse, while larger ones are unmapped
+// and page-faulted in again on every call (and smaller chunks stay in cache
+// between the column build and the GEMM).
+constexpr int64_t kPreferredChunkBytes = 24 << 20;
+
 // Chunks of whole images, or of output rows of one image when a single image
-// would overflow chunk_bytes.
+// would overflow the byte budget.
 std::vector<Chunk> plan_chunks(const Geometry& g, int64_t bytes_per_position,
                                int64_t chunk_bytes) {
-  const int64_t budget = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(1, bytes_per_position));
+  const int64_t bytes = std::min(chunk_bytes, kPreferredChunkBytes);
+  const int64_t budget = std::max<int64_t>(1, bytes / std::max<int64_t>(1, bytes_per_position));
   std::vector<Chunk> out;
   const int64_t per_image = g.Ho * g.Wo;
   if (per_image <= budget) {
@@ -391,12 +398,13 @@ struct Grads {
 // offset and mask gradients.
 template <typename T, typename Grad>
 void gradients_from_columns(const Geometry& g, const Ctx<T>& c, const Grad& gr,
-                            const Needs& need, Grads<T>& out) {
+                            const Needs& need, Grads<T>& out, bool fused_offsets) {
   const int64_t P = c.positions();
-  if (need.offsets()) {
+  if (need.offsets() && !fused_offsets) {
     const OffsetGrads<T> og = out.ptrs();
+    T* no_rows = nullptr;
     at::parallel_for(0, P, position_grain(g), [&](int64_t b, int64_t e) {
-      offset_grad_rows_isa<T>(c, gr, og, b, e);
+      offset_grad_rows_isa<T>(c, gr, og, b, e, no_rows);
     });
   }
   if (!need.input) return;
@@ -434,21 +442,22 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
   for (const Chunk& ch : chunks) {
     const Ctx<T> c = make_ctx(g, segs, t, ch);
     const int64_t P = ch.positions(g);
-    if (need.weight) {
-      T* cp = col.data_ptr<T>();
+    const at::Tensor colv = col.narrow(0, 0, P).view({ch.nc, ch.rows, g.Wo, L});
+    const at::Tensor gout = chunk_view(grad_out, ch).contiguous(at::MemoryFormat::ChannelsLast);
+    // G = W^T grad_out first: it does not need the columns, so the column
+    // rebuild shares one pass with the offset gradients.
+    at::Tensor gcol;
+    if (need.any_g()) gcol = std::get<0>(gemm_backward(gout, colv, wp, g.groups, true, false));
+    const DenseGrad<T> gr{need.any_g() ? gcol.data_ptr<T>() : nullptr, L, g.sstride()};
+    if (need.weight || need.offsets()) {
+      const OffsetGrads<T> og = out.ptrs();
+      T* rows = need.weight ? col.data_ptr<T>() : nullptr;
       at::parallel_for(0, P, position_grain(g), [&](int64_t b, int64_t e) {
-        build_rows_isa<T>(c, b, e, cp);
+        offset_grad_rows_isa<T>(c, gr, og, b, e, rows);
       });
     }
-    const at::Tensor colv = col.narrow(0, 0, P).view({ch.nc, ch.rows, g.Wo, L});
-    at::Tensor gcol, gw;
-    std::tie(gcol, gw) =
-        gemm_backward(chunk_view(grad_out, ch), colv, wp, g.groups, need.any_g(), need.weight);
-    if (need.weight) gwp.add_(gw);
-    if (need.any_g()) {
-      const DenseGrad<T> gr{gcol.data_ptr<T>(), L, g.sstride()};
-      gradients_from_columns(g, c, gr, need, out);
-    }
+    if (need.weight) gwp.add_(std::get<1>(gemm_backward(gout, colv, wp, g.groups, false, true)));
+    if (need.input) gradients_from_columns(g, c, gr, need, out, true);
   }
   if (!need.weight) return at::Tensor();
   return gwp.view({g.O, g.S2, g.Cg}).permute({0, 2, 1}).reshape({g.O, g.Cg, g.Sh, g.Sw});
@@ -484,7 +493,7 @@ at::Tensor backward_depthwise(const Geometry& g, const Tensors<T>& t, const at::
     const at::Tensor gcl = chunk_view(grad_out, ch).permute({0, 2, 3, 1}).contiguous();
     const DepthwiseGrad<T> gr{gcl.data_ptr<T>(), c.wt, g.C, zeros.data()};
     if (need.weight) depthwise_weight_chunk(c, gcl.data_ptr<T>(), gwt);
-    if (need.any_g()) gradients_from_columns(g, c, gr, need, out);
+    if (need.any_g()) gradients_from_columns(g, c, gr, need, out, false);
   }
   if (!need.weight) return at::Tensor();
   return gwt.t().reshape({g.C, 1, g.Sh, g.Sw});

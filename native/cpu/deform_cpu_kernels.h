@@ -217,6 +217,19 @@ ERFTOOL_ALWAYS_INLINE void decode(const Ctx<T>& c, int64_t p, int64_t* n, int64_
 
 // ---------------------------------------------------------------- forward
 
+// One tap of one segment scattered into its <= 4 scope cells of a column row.
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void scatter_tap(Scratch<T>& s, const Segment& sg, const T* img,
+                                       int64_t C, int64_t ss, T* row) {
+  const int64_t len = sg.c1 - sg.c0;
+  const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, C, sg.c0, len, s.v.data());
+  if (!v) return;
+  const BilinearCorners<T>& k = s.kc[sg.kg];
+  for (int j = 0; j < 4; ++j)
+    if (k.index[j] >= 0 && k.weight[j] != T(0))
+      axpy(len, k.weight[j], v, row + sg.colbase + k.index[j] * ss);
+}
+
 // Column rows of positions [p0, p1): every tap scattered into its <= 4 scope cells.
 template <typename T>
 ERFTOOL_ALWAYS_INLINE void build_rows(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
@@ -233,14 +246,7 @@ ERFTOOL_ALWAYS_INLINE void build_rows(const Ctx<T>& c, int64_t p0, int64_t p1, T
       for (int64_t b = 0; b < g.Kw; ++b) {
         sample_tap(c, n, y, x, a, b, s);
         for (int64_t i = 0; i < c.nsegs; ++i) {
-          const Segment& sg = c.segs[i];
-          const int64_t len = sg.c1 - sg.c0;
-          const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, g.C, sg.c0, len, s.v.data());
-          if (!v) continue;
-          const BilinearCorners<T>& k = s.kc[sg.kg];
-          for (int j = 0; j < 4; ++j)
-            if (k.index[j] >= 0 && k.weight[j] != T(0))
-              axpy(len, k.weight[j], v, row + sg.colbase + k.index[j] * ss);
+          scatter_tap(s, c.segs[i], img, g.C, ss, row);
         }
       }
   }
@@ -354,24 +360,32 @@ struct OffsetGrads {
 
 // Kernel-offset, data-offset and mask gradients of positions [p0, p1), each a
 // reduction over its group's channels (gather form, no atomics). Built from
-// f_ij = sum_c X_j[c] G[s_i][c] for scope corner i and data corner j.
+// f_ij = sum_c X_j[c] G[s_i][c] for scope corner i and data corner j. When
+// col is given the same pass (same corners, same input reads) also rebuilds
+// the column rows for the weight gradient.
 template <typename T, typename Grad>
 ERFTOOL_ALWAYS_INLINE void offset_grad_rows(const Ctx<T>& c, const Grad& gr,
                                             const OffsetGrads<T>& out, int64_t p0,
-                                            int64_t p1) {
+                                            int64_t p1, T* col) {
   const Geometry& g = *c.g;
   Scratch<T> s(g);
-  const int64_t P = g.plane();
+  const int64_t P = g.plane(), ss = g.sstride(), len_row = g.row_len();
+  const bool grads = out.koff || out.doff || out.mask;
   std::vector<T> gk(2 * g.G), gd(2 * g.DG), gm(g.DG);
   for (int64_t p = p0; p < p1; ++p) {
     int64_t n, y, x;
     decode(c, p, &n, &y, &x);
     const int64_t q = y * g.Wo + x;
     const T* img = c.image(n);
+    T* row = col ? col + p * len_row : nullptr;
+    if (row) std::fill(row, row + len_row, T(0));
     for (int64_t a = 0; a < g.Kh; ++a)
       for (int64_t b = 0; b < g.Kw; ++b) {
         const int64_t t = a * g.Kw + b;
         sample_tap(c, n, y, x, a, b, s);
+        if (row)
+          for (int64_t si = 0; si < c.nsegs; ++si) scatter_tap(s, c.segs[si], img, g.C, ss, row);
+        if (!grads) continue;
         std::fill(gk.begin(), gk.end(), T(0));
         std::fill(gd.begin(), gd.end(), T(0));
         std::fill(gm.begin(), gm.end(), T(0));
