@@ -193,6 +193,34 @@ def _native_backward(grad_output, input, weight, kernel_offset, data_offset, mas
     return grads
 
 
+def _global_kernel_backward(grad_output, input, weight, offset, geom, needs):
+    """Global DK backward: one convolution backward with the per-image kernels
+    (no recomputed forward), then the tiny resampling step by autograd."""
+    n, c, h, w = input.shape
+    o = weight.shape[0]
+    with _autograd_reenabled():
+        weight_leaf = weight.detach().requires_grad_(bool(needs[1]))
+        offset_leaf = offset.detach().requires_grad_(bool(needs[2]))
+        kernels = reference.resample_kernel(
+            weight_leaf, offset_leaf, geom.kernel_size, geom.offset_groups, geom.groups)
+    need_kernels = bool(needs[1] or needs[2])
+    grad_input, grad_kernels, _ = torch.ops.aten.convolution_backward(
+        grad_output.reshape(1, n * o, *grad_output.shape[2:]), input.reshape(1, n * c, h, w),
+        kernels.detach().reshape(n * o, *kernels.shape[2:]), None, list(geom.stride),
+        list(geom.padding), list(geom.dilation), False, [0, 0], n * geom.groups,
+        [bool(needs[0]), need_kernels, False])
+    grad_weight = grad_offset = None
+    if need_kernels:
+        wanted = [t for t in (weight_leaf, offset_leaf) if t.requires_grad]
+        with _autograd_reenabled():
+            grads = torch.autograd.grad(kernels, wanted, grad_kernels.view_as(kernels))
+        grads = list(grads)
+        grad_weight = grads.pop(0) if needs[1] else None
+        grad_offset = grads.pop(0) if needs[2] else None
+    grad_input = grad_input.view_as(input) if needs[0] else None
+    return [grad_input, grad_weight, grad_offset, None, None]
+
+
 def _backward(backend, grad_output, input, weight, kernel_offset, data_offset, mask, geom,
               needs):
     """Gradients (input, weight, kernel_offset, data_offset, mask, bias)."""
@@ -209,9 +237,7 @@ def _backward(backend, grad_output, input, weight, kernel_offset, data_offset, m
                 i, w, k, _kind(kernel_offset), d, m, None, geom),
             grad_output, tensors, needs[:5])
     elif _uses_global_conv(kernel_offset, data_offset, mask):
-        grads = _autograd_backward(
-            lambda i, w, k, d, m: _global_kernel_conv(i, w, k, None, geom),
-            grad_output, tensors, needs[:5])
+        grads = _global_kernel_backward(grad_output, input, weight, kernel_offset, geom, needs)
     else:
         grads = _native_backward(grad_output, input, weight, kernel_offset, data_offset, mask,
                                  geom, needs)
