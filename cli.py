@@ -198,20 +198,28 @@ def figures(out, fmt, only, bench_json, seed, quiet):
 @main.command()
 @click.argument("arch")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint path.")
-@click.option("--epochs", default=None, type=click.IntRange(min=1))
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="Epochs in total (default: the trainer's).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--train-size", default=None, type=click.IntRange(min=1),
+              help="Training images per epoch (default: the trainer's).")
+@click.option("--val-size", default=None, type=click.IntRange(min=1),
+              help="Validation images (default: the trainer's).")
+@click.option("--resume", is_flag=True, help="Continue from --out if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @_device_option
 @_quiet_option
-def train(arch, out, epochs, seed, device, quiet):
-    """Train a zoo model on the synthetic dataset and save a checkpoint.
+def train(arch, out, epochs, seed, train_size, val_size, resume, overwrite, device, quiet):
+    """Train a zoo model (see `erftool models`) on the synthetic dataset.
 
     \b
     Example:
-      erftool train dk_local --out dk.pt --epochs 5
+      erftool train resnet-tiny-dk-local --out dk.pt --epochs 6
     """
     from erftool.cli_utils_compare import run_train
     path = run_train(arch=arch, out=out, epochs=epochs, seed=seed, device=device,
-                     console=Console(quiet))
+                     console=Console(quiet), resume=resume, overwrite=overwrite,
+                     train_size=train_size, val_size=val_size)
     click.echo(str(path))
 
 
@@ -261,8 +269,9 @@ def models(as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
+    width = max((len(r["name"]) for r in rows), default=0)
     for r in rows:
-        click.echo(f"{r['name']:<20} {r.get('description', '')}")
+        click.echo(f"{r['name']:<{width}}  {r.get('description', '')}")
 
 
 def _command_line() -> str:
@@ -273,4 +282,4 @@ def _command_line() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="erftool")

@@ -311,6 +311,7 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
     model = load_model(checkpoint, arch, dev)
     channels = in_channels(model)
     name = Path(checkpoint).stem
+    cbar, mark_label = "|ERF| (opacity follows value)", "probed unit"
     if image is None:
         image = require("erftool.data").sample_image_path()
     if str(image).startswith("synthetic"):
@@ -324,7 +325,7 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
             marks = [probe_marker(res, tuple(inputs.images.shape[-2:]))]
         else:
             x = inputs.images.expand(len(centres), -1, -1, -1)
-            with console.progress([0], f"ERFs at {len(centres)} object centres") as bar:
+            with console.progress([0], "ERF at the object centre(s)") as bar:
                 for _ in bar:
                     res = erf.compute_erf(model, x, layer=layer, rule=rule, keep_per_image=True,
                                           position=erf.PerImage(centres, space="input"),
@@ -336,8 +337,11 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
             boxes = [_exclusive(b) for b in erf.theoretical_rf(
                 model, tuple(x.shape[1:]), lpos, layer=res.protocol["layer"], device=dev)]
             marks = [tuple(c) for c in centres]
-        display, what = inputs.display[0], f"synthetic image (seed {seed})"
+        display, what = inputs.display[0], f"synthetic, seed {seed}"
         count = 1
+        if pos is None and centres:
+            cbar = "|ERF| / each object's peak (opacity follows value)"
+            mark_label = "object centre (probe: the cell covering it)"
     else:
         inputs = file_inputs(image, channels, preprocessing(model))
         res = erf.compute_erf(model, inputs.images, layer=layer, rule=rule, position=pos,
@@ -348,7 +352,8 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
     layer_name = res.protocol.get("layer") or "<output>"
     fig = plotting.overlay(display, emap, positions=marks, rf_boxes=[b for b in boxes if b],
                            title=f"{name}: ERF at layer {layer_name}, rule {rule}, "
-                                 f"{count} image ({what})")
+                                 f"{count} image ({what})", cbar_label=cbar,
+                           marker_label=mark_label)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target, then rename: no half-written figure on failure.
     tmp = target.with_name(f".{target.stem}.partial{target.suffix}")
@@ -371,15 +376,17 @@ def _synthetic_seed(spec: str) -> int:
 
 # ---------------------------------------------------------------- train
 
-def run_train(*, arch, out, epochs, seed, device, console: Console) -> Path:
+def run_train(*, arch, out, epochs, seed, device, console: Console, resume=False,
+              overwrite=False, train_size=None, val_size=None) -> Path:
     training = require("erftool.training")
     dev = resolve_device(device)
     target = Path(out)
     if target.exists() and target.is_dir():
         raise ValueError(f"--out {target} is a folder; give a checkpoint file path")
-    kwargs = {"seed": seed, "device": dev}
-    if epochs is not None:
-        kwargs["epochs"] = epochs
-    if not console.quiet:
-        console.info(f"training {arch} ...")
-    return Path(training.train(arch, out=str(target), **kwargs) or target)
+    kwargs = {"seed": seed, "device": dev, "out": str(target), "quiet": console.quiet,
+              "resume": resume, "overwrite": overwrite}
+    for key, value in (("epochs", epochs), ("train_size", train_size), ("val_size", val_size)):
+        if value is not None:
+            kwargs[key] = value
+    # training.train writes its checkpoint atomically after every epoch.
+    return Path(training.train(arch, **kwargs) or target)

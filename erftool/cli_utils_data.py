@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from erftool.cli_utils_models import Inputs, _to_channels, require
 
-# Images are drawn past this index so the CLI's default inputs are never among the
-# training samples (training draws its samples from the start of the same stream).
-HELD_OUT_OFFSET = 1_000_000
+# The dataset's held-out split: never seen in training or model selection.
+SPLIT = "test"
 
 
 def synthetic_batch(n: int, seed: int, channels: int) -> Inputs:
@@ -14,7 +13,7 @@ def synthetic_batch(n: int, seed: int, channels: int) -> Inputs:
     data = require("erftool.data.synthetic")
     if n < 1:
         raise ValueError(f"--synthetic must be at least 1, got {n}")
-    ds = data.SyntheticDeformations(size=n, seed=seed, offset=HELD_OUT_OFFSET)
+    ds = data.SyntheticDeformations(size=n, seed=seed, split=SPLIT)
     b = ds.batch(range(n))
     images = b["image"].float()
     display = [img.permute(1, 2, 0).numpy() for img in images]
@@ -22,5 +21,5 @@ def synthetic_batch(n: int, seed: int, channels: int) -> Inputs:
     centres = [[tuple(float(v) for v in c)] for c in b["centre"]]
     boxes = [[tuple(int(v) for v in bb)] for bb in b["bbox"]]
     scales = [[float(s)] for s in b["scale"]]
-    return Inputs(images=x, display=display, source=f"synthetic deformations, seed {seed}",
+    return Inputs(images=x, display=display, source=f"synthetic test split, seed {seed}",
                   centres=centres, boxes=boxes, scales=scales)

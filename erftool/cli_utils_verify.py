@@ -110,9 +110,9 @@ def doctor_info() -> dict:
     except Exception as err:  # a broken native build must not hide the rest of the report
         info["backend"] = "unavailable"
         info["reason"] = f"{type(err).__name__}: {err}"
-    info["torch"] = torch.__version__
-    info["cuda available"] = torch.cuda.is_available()
-    info["python"] = platform.python_version()
+    info.setdefault("torch", torch.__version__)
+    info.setdefault("cuda_available", torch.cuda.is_available())
+    info.setdefault("python", platform.python_version())
     return info
 
 

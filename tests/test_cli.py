@@ -354,3 +354,23 @@ def test_paper_figures_on_tiny_zoo_models(tmp_path, monkeypatch):
     titles = [a.get_title() for a in fig.axes if a.get_title()]
     assert any("deformable conv" in t for t in titles)
     assert any("deformable kernel" in t for t in titles)
+
+
+def test_train_tiny_run_then_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "m.pt"
+    args = ["train", "resnet-tiny-rigid", "--out", str(out), "--epochs", "1", "--train-size",
+            "16", "--val-size", "8", "-q", "--overwrite"]
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    assert out.exists()
+    res = CliRunner().invoke(cli.main, args[:-1])
+    assert res.exit_code == 2 and "exists" in res.output
+    res = CliRunner().invoke(cli.main, ["train", "no-such-model", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "unknown model" in res.output
+
+
+def test_doctor_and_models():
+    res = invoke("doctor", "--json")
+    assert res.exit_code == 0 and "python" in json.loads(res.output)
+    res = invoke("models")
+    assert res.exit_code == 0 and "resnet-tiny-dk-local" in res.output

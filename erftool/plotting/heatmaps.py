@@ -117,20 +117,23 @@ def _show_image(ax, image, alpha: float = 1.0, grey: bool = False) -> None:
 
 
 def overlay(image, erf, *, positions: Sequence[Sequence[float]] = (),
-            rf_boxes: Sequence[Box] = (), title: str = ""):
-    """One image with its ERF on top (opacity = ERF value) and theoretical RFs outlined."""
+            rf_boxes: Sequence[Box] = (), title: str = "",
+            cbar_label: str = "|ERF| (opacity follows value)",
+            marker_label: str = "probed unit"):
+    """One image (in grey, so only the ERF carries colour) with its ERF on top
+    (opacity = ERF value) and theoretical RFs outlined."""
     e = np.abs(as_map(erf))
     img = as_image(image)
     if img.shape[:2] != e.shape:
         raise ValueError(f"image {img.shape[:2]} and ERF {e.shape} sizes differ")
     fig = new_figure(5.4, 4.6)
     ax = fig.subplots()
-    _show_image(ax, img)
+    _show_image(ax, img, alpha=0.7, grey=True)
     ax.imshow(_overlay_rgba(e), interpolation="nearest")
     for j, box in enumerate(rf_boxes):
         _outline(ax, box, RF_COLOR, "--", "theoretical RF" if j == 0 else None)
     for j, pos in enumerate(positions):
-        _mark(ax, pos, "probed unit" if j == 0 else None)
+        _mark(ax, pos, marker_label if j == 0 else None)
     ax.set_xlim(-0.5, e.shape[1] - 0.5)
     ax.set_ylim(e.shape[0] - 0.5, -0.5)
     ax.set_xlabel("x (px)")
@@ -139,7 +142,7 @@ def overlay(image, erf, *, positions: Sequence[Sequence[float]] = (),
         ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
     peak = float(e.max())
     fig.colorbar(ScalarMappable(norm=Normalize(0, peak or 1.0), cmap=HEAT_CMAP), ax=ax,
-                 label="|ERF| (opacity follows value)")
+                 label=cbar_label)
     if title:
         ax.set_title(title, fontsize=9)
     return fig
