@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ._style import color, marker, new_figure
 
@@ -46,6 +47,11 @@ def growth_figure(depths: Sequence[int], measured: Mapping[str, Sequence[float]]
     for a in (ax, ax_r):
         a.set_xscale("log")
         a.set_yscale("log")
+        # Plain numbers at 1-2-5 steps read better than mixed 10^k / 2x10^k labels.
+        for axis in (a.xaxis, a.yaxis):
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(NullFormatter())
         a.set_xlabel("depth n (layers)")
         a.grid(alpha=0.3, which="both")
         a.legend(fontsize=7)
