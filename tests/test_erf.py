@@ -223,3 +223,21 @@ def test_save_load_roundtrip_and_replknet_export(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["erf.npz"]  # no temp files left
     res.export_replknet(tmp_path / "m.npy", index=1)
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), res.maps[1])
+
+
+def test_vmap_and_replicated_backward_agree_including_custom_ops():
+    from erftool.erf.backprop import input_gradients
+    from erftool.theory.checks import _dc_layers
+    from erftool.theory.nets import TheoryNet
+
+    net, x = small_net(), images(2)
+    pos = torch.tensor([[[1, 1], [2, 3]], [[7, 7], [0, 5]]])
+    a = input_gradients(net, net[5], x, pos, vmap=True)
+    b = input_gradients(net, net[5], x, pos, vmap=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    dc = TheoryNet(_dc_layers(np.random.default_rng(0), 2, 2, 9, 9)).eval()
+    xd = torch.randn(1, 2, 9, 9, dtype=torch.float64)
+    multi = compute_erf(dc, xd, layer="", position=[(1, 1), (4, 6)], metrics=False, rf=False)
+    for i, p in enumerate([(1, 1), (4, 6)]):
+        one = compute_erf(dc, xd, layer="", position=p, metrics=False, rf=False)
+        np.testing.assert_allclose(multi.maps[i], one.map, atol=1e-12)
