@@ -111,7 +111,6 @@ def check_rf_box(quick, rng, backend):
     res = compute_erf(TheoryNet(layers, backend).eval(), _image(rng, 2, h, w), layer="",
                       position=pos, metrics=False, rf=True)
     size = rf_size(ks, ss, ds)
-    jump, start = 1, pos[0]
     strides = np.cumprod([1] + ss[:-1])
     start = pos[0] * int(np.prod(ss)) - sum(l.padding * j for l, j in zip(layers, strides))
     want = np.array([start, start, start + size - 1, start + size - 1])
@@ -255,7 +254,9 @@ def check_dk(quick, rng, backend):
             e, s = _pathsum_compare(layers, rng, h, w, backend)
             err, scale = max(err, e), max(scale, s)
         out.append(_result(name, formula, err, EXACT,
-                           f"3 DK layers, K=3 from a 4x4 scope, {kind} offsets; max |ERF| {scale:.3g}"))
+                           f"3 DK layers, K=3 from a 4x4 scope, {kind} kernel offsets"
+                           f"{' + data offsets' if data else ''}, dilation 1 and 2; "
+                           f"max |ERF| {scale:.3g}"))
     return out
 
 
