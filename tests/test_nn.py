@@ -104,6 +104,25 @@ def test_dk_init_matches_conv_variance_after_resample():
     assert abs(kernels.var().item() / expected - 1) < 0.1
 
 
+@pytest.mark.parametrize("geometry", [dict(padding=1), dict(stride=2, dilation=2, groups=2)])
+def test_global_dk_fast_path_matches_the_op(geometry):
+    torch.manual_seed(0)
+    layer = enn.DeformKernel2d(4, 6, 3, scope=5, mode="global", **geometry).double()
+    with torch.no_grad():
+        layer.kernel_offset.fc.weight.normal_(0, 0.5)
+        layer.kernel_offset.fc.bias.normal_(0, 0.7)
+    x = _x().requires_grad_(True)
+    out, found = layer(x, return_offsets=True)
+    ref = ops.deform_kernel2d(x, layer.weight, found["kernel"], kernel_size=3, bias=layer.bias,
+                              **{"padding": 0, **geometry})
+    torch.testing.assert_close(out, ref)
+    g1 = torch.autograd.grad(out.pow(2).sum(), [x, layer.weight, found["kernel"]],
+                             retain_graph=True)
+    g2 = torch.autograd.grad(ref.pow(2).sum(), [x, layer.weight, found["kernel"]])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
 def test_dk_plus_dc_learns_both_offset_fields():
     torch.manual_seed(0)
     layer = enn.DeformKernelConv2d(4, 6, 3, scope=4, padding=1)
