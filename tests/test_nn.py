@@ -8,6 +8,7 @@ from torch import nn
 
 import erftool.nn as enn
 from erftool import ops
+from erftool.erf.offsets import offset_policy, offsets_mode, zero_offsets
 from erftool.errors import ErftoolError
 
 
@@ -147,7 +148,7 @@ def test_offsets_frozen_cuts_only_the_generator_path(cls, kw):
 
     def input_grad(frozen):
         x = _x().requires_grad_(True)
-        with enn.offsets_frozen(frozen):
+        with offset_policy("frozen" if frozen else "total"):
             out, found = layer(x, return_offsets=True)
         out[:, :, 4, 4].sum().backward()
         return x.grad, found
@@ -155,7 +156,7 @@ def test_offsets_frozen_cuts_only_the_generator_path(cls, kw):
     g_frozen, found = input_grad(True)
     assert not any(t.requires_grad for t in found.values())
     g_total, _ = input_grad(False)
-    assert not enn.offsets_are_frozen()
+    assert offsets_mode() == "total"
     assert (g_frozen - g_total).abs().max() > 1e-6
     # Frozen = the op called with the same offsets given as constants.
     x = _x().requires_grad_(True)
@@ -167,6 +168,28 @@ def test_offsets_frozen_cuts_only_the_generator_path(cls, kw):
                                   bias=layer.bias, padding=1, data_offset=found.get("data"))
     out[:, :, 4, 4].sum().backward()
     torch.testing.assert_close(g_frozen, x.grad)
+
+
+def test_zero_offsets_policy_gives_the_rigid_skeleton():
+    torch.manual_seed(0)
+    conv = _conv(padding=1)
+    x = _x()
+    for kind in ("dk-local", "dk-global", "dc", "dk+dc"):
+        layer = enn.convert_conv(conv, kind, scope=5 if kind != "dc" else None)
+        with torch.no_grad():
+            for name, p in layer.named_parameters():
+                if name not in ("weight", "bias"):
+                    p.normal_(0, 0.3)
+        with zero_offsets():
+            torch.testing.assert_close(layer(x), conv(x))
+        assert (layer(x) - conv(x)).abs().max() > 1e-3
+    dcn = enn.DeformConv2d(4, 6, 3, padding=1, modulated=True).double()
+    with torch.no_grad():
+        dcn.mask.bias.fill_(1.0)
+        dcn.weight.copy_(conv.weight)
+        dcn.bias.copy_(conv.bias)
+    with zero_offsets():
+        torch.testing.assert_close(dcn(x), conv(x))  # mask 1, not 0
 
 
 def test_bad_arguments_raise_erftool_errors():

@@ -1,5 +1,5 @@
 """What every erftool deformable module shares: argument checks, zero-initialised
-offset generators, the frozen-offset switch and the record of the last offsets."""
+offset generators, the ERF engine's offset policy and the record of the last offsets."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ErftoolError
-from ._flags import offsets_are_frozen
+from ..erf.offsets import offsets_mode, prepare_offsets
 
 Pair = Tuple[int, int]
 
@@ -98,9 +98,18 @@ class DeformableModule(nn.Module):
     last_offsets: Optional[Dict[str, Tensor]] = None
 
     @staticmethod
-    def _frozen(t: Tensor) -> Tensor:
-        # Frozen-offset ERFs: cut the path through the generators only.
-        return t.detach() if offsets_are_frozen() else t
+    def _policy(offset: Tensor) -> Tensor:
+        # erftool.erf's offset policy: "frozen" detaches (path-sum ERF, no path
+        # through the generators), "zero" gives the rigid skeleton.
+        return prepare_offsets(offset)
+
+    @staticmethod
+    def _policy_mask(mask: Tensor) -> Tensor:
+        # A DCNv2 mask has no "zero offset"; its rigid value is 1 (see DeformConv2d).
+        mode = offsets_mode()
+        if mode == "zero":
+            return torch.ones_like(mask).detach()
+        return mask.detach() if mode == "frozen" else mask
 
     def _finish(self, out: Tensor, offsets: Dict[str, Tensor], return_offsets: bool):
         if self.record_offsets:

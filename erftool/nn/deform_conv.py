@@ -53,11 +53,11 @@ class DeformConv2d(DeformableModule):
         conv_like_init(self.weight, self.bias, (self.in_channels // self.groups) * taps)
 
     def forward(self, x: Tensor, return_offsets: bool = False):
-        offset = self._frozen(self.data_offset(x))
+        offset = self._policy(self.data_offset(x))
         found = {"data": offset}
         mask = None
         if self.mask is not None:
-            mask = self._frozen(2 * torch.sigmoid(self.mask(x)))
+            mask = self._policy_mask(2 * torch.sigmoid(self.mask(x)))
             found["mask"] = mask
         out = ops.deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride,
                                 padding=self.padding, dilation=self.dilation, mask=mask)

@@ -73,7 +73,7 @@ class DeformKernel2d(DeformableModule):
                        gain=1 / math.sqrt(shrink))
 
     def _kernel_offsets(self, x: Tensor) -> Tensor:
-        return self._frozen(self.kernel_offset(x))
+        return self._policy(self.kernel_offset(x))
 
     def forward(self, x: Tensor, return_offsets: bool = False):
         offset = self._kernel_offsets(x)
@@ -135,7 +135,7 @@ class DeformKernelConv2d(DeformKernel2d):
 
     def forward(self, x: Tensor, return_offsets: bool = False):
         offset = self._kernel_offsets(x)
-        data_offset = self._frozen(self.data_offset(x))
+        data_offset = self._policy(self.data_offset(x))
         out = ops.deform_kernel2d(
             x, self.weight, offset, kernel_size=self.kernel_size, bias=self.bias,
             stride=self.stride, padding=self.padding, dilation=self.dilation,
