@@ -14,7 +14,7 @@ from erftool import plotting
 from erftool.cli_utils import Console, parse_position, resolve_device, staged_output
 from erftool.cli_utils_models import (Inputs, bundled_checkpoints, file_inputs, folder_inputs,
                                       in_channels, load_model, preprocessing, require,
-                                      unique_names)
+                                      rigid_skeleton, unique_names)
 
 DEFAULT_SYNTHETIC = 8  # images when no input is named: enough for a stable mean, fast on CPU
 
@@ -114,6 +114,25 @@ def share_markers(erfs) -> None:
             e.marker = exact[key(e)]
 
 
+def attach_rf(res, model, input_shape, positions=None) -> None:
+    """Theoretical RF boxes (and the metrics that use them) from the model's rigid
+    skeleton, replacing the engine's: its surrogate leaves erftool.nn offset generators
+    running, which shifts and widens a DC network's box (see rigid_skeleton)."""
+    erf = require("erftool.erf")
+    pts = positions if positions is not None else res.protocol.get("rf_positions") \
+        or res.protocol.get("positions")
+    if pts is None:
+        h, w = res.protocol["layer_size"]
+        pts = [[h // 2, w // 2]]
+    res.rf_boxes = erf.theoretical_rf(rigid_skeleton(model), tuple(input_shape), pts,
+                                      layer=res.protocol["layer"])
+    res.protocol["rf_positions"] = [list(map(int, p)) for p in pts]
+    res.protocol["rf_method"] = "positive surrogate of the rigid skeleton (offsets zeroed)"
+    if res.count > 0:
+        res.metrics_all = [erf.metrics.summary(res.maps[i], res.rf_boxes[min(i, len(pts) - 1)])
+                           for i in range(len(res.maps))]
+
+
 def model_erf(name, model, inputs: Inputs, *, layer, position, object_centres, rule, device):
     erf = require("erftool.erf")
     x = inputs.images
@@ -127,17 +146,19 @@ def model_erf(name, model, inputs: Inputs, *, layer, position, object_centres, r
             raise ValueError("--object-centres: the images have no objects")
         x = x[idx]
         res = erf.compute_erf(model, x, layer=layer, rule=rule, keep_per_image=True,
-                              position=erf.PerImage(pts, space="input"), device=device)
+                              position=erf.PerImage(pts, space="input"), device=device,
+                              rf=False, metrics=False)
         # Per-image maps re-centred on their probe so the mean is an aligned ERF.
         per = res.per_image[:, 0].astype(np.float64)
         m = np.mean([recentre(p, c) for p, c in zip(per, pts)], axis=0)
         res.maps = m[None]
-        res.metrics_all = [erf.metrics.summary(m, res.rf_boxes[0] if res.rf_boxes is not None
-                                               else None)]
+        attach_rf(res, model, tuple(x.shape[1:]))
         size = tuple(x.shape[-2:])
         marker = (size[0] // 2, size[1] // 2)
     else:
-        res = erf.compute_erf(model, x, layer=layer, rule=rule, position=position, device=device)
+        res = erf.compute_erf(model, x, layer=layer, rule=rule, position=position, device=device,
+                              rf=False, metrics=False)
+        attach_rf(res, model, tuple(x.shape[1:]))
         marker, exact = probe_marker(res, tuple(x.shape[-2:]), exact=True)
         m = res.maps[0]
     return ModelERF(name=name, map=np.asarray(m, dtype=np.float64), result=res,
@@ -244,11 +265,9 @@ def run_compare(req: CompareRequest, console: Console) -> Path:
         rows = [flat_metrics(e) for e in erfs]
         figures = write_compare_outputs(req, erfs, inputs, rows, tmp, console)
         write_compare_report(req, erfs, inputs, rows, figures, tmp)
-    console.info(text_table(rows))
+    import click
+    click.echo(text_table(rows))  # the result: stdout, even with --quiet
     console.info(f"wrote {out}/ (report.html, figures, metrics.json/.csv, ERF arrays)")
-    if console.quiet:
-        import click
-        click.echo(text_table(rows))
     return out
 
 
@@ -320,7 +339,8 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
         centres = inputs.centres[0]
         if pos is not None or not centres:
             res = erf.compute_erf(model, inputs.images, layer=layer, rule=rule, position=pos,
-                                  device=dev)
+                                  device=dev, rf=False, metrics=False)
+            attach_rf(res, model, tuple(inputs.images.shape[1:]))
             emap, boxes = res.maps[0], [_exclusive(res.rf_box)]
             marks = [probe_marker(res, tuple(inputs.images.shape[-2:]))]
         else:
@@ -335,7 +355,8 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
             emap = np.max([p / p.max() if p.max() > 0 else p for p in per], axis=0)
             lpos = res.image_positions
             boxes = [_exclusive(b) for b in erf.theoretical_rf(
-                model, tuple(x.shape[1:]), lpos, layer=res.protocol["layer"], device=dev)]
+                rigid_skeleton(model), tuple(x.shape[1:]), lpos, layer=res.protocol["layer"],
+                device=dev)]
             marks = [tuple(c) for c in centres]
         display, what = inputs.display[0], f"synthetic, seed {seed}"
         count = 1
@@ -345,7 +366,8 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
     else:
         inputs = file_inputs(image, channels, preprocessing(model))
         res = erf.compute_erf(model, inputs.images, layer=layer, rule=rule, position=pos,
-                              device=dev)
+                              device=dev, rf=False, metrics=False)
+        attach_rf(res, model, tuple(inputs.images.shape[1:]))
         emap, boxes = res.maps[0], [_exclusive(res.rf_box)]
         marks = [probe_marker(res, tuple(inputs.images.shape[-2:]))]
         display, what, count = inputs.display[0], Path(image).name, 1

@@ -190,3 +190,41 @@ def file_inputs(path, channels: int, prep: dict | None = None) -> Inputs:
         raise ValueError(f"--image {p} is a folder; give one image file")
     size = image_size(data.load_image(p).shape, prep)
     return images_to_inputs([_read(p, size)], channels, prep, p.name)
+
+
+def _zeroed(gen):
+    """Wrap an offset/mask generator so it outputs zeros of its usual shape."""
+    from torch import nn
+
+    class Zeroed(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            # Times zero, not a constant: the shape follows the generator's geometry,
+            # and parameter rewrites (e.g. the RF surrogate's) cannot revive it.
+            return self.inner(x) * 0
+
+    return Zeroed(gen)
+
+
+def rigid_skeleton(model):
+    """The model with every erftool.nn offset generator outputting zeros (DCNv2 masks
+    then equal 1): the rigid sampling grid whose support is the theoretical RF. Returns
+    the model itself when it has no deformable layers."""
+    import copy
+    try:
+        nn_mod = require("erftool.nn")
+    except ValueError:
+        return model
+    if not any(isinstance(m, nn_mod.DeformableModule) for m in model.modules()):
+        return model
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, nn_mod.DeformableModule):
+            for attr in ("kernel_offset", "data_offset", "mask"):
+                gen = getattr(m, attr, None)
+                if gen is not None and hasattr(gen, "forward"):
+                    setattr(m, attr, _zeroed(gen))
+    return twin.eval()
