@@ -14,7 +14,7 @@ from erftool import plotting
 from erftool.cli_utils import Console, parse_position, resolve_device, staged_output
 from erftool.cli_utils_models import (Inputs, bundled_checkpoints, file_inputs, folder_inputs,
                                       in_channels, load_model, preprocessing, require,
-                                      rigid_skeleton, unique_names)
+                                      unique_names)
 
 DEFAULT_SYNTHETIC = 8  # images when no input is named: enough for a stable mean, fast on CPU
 
@@ -114,23 +114,19 @@ def share_markers(erfs) -> None:
             e.marker = exact[key(e)]
 
 
-def attach_rf(res, model, input_shape, positions=None) -> None:
-    """Theoretical RF boxes (and the metrics that use them) from the model's rigid
-    skeleton, replacing the engine's: its surrogate leaves erftool.nn offset generators
-    running, which shifts and widens a DC network's box (see rigid_skeleton)."""
+def cell_centres(model, input_shape, layer: str, layer_size, cells) -> np.ndarray:
+    """Input-pixel centres (y, x) of layer cells: the centre of a cell's theoretical RF,
+    which moves by the total stride per cell. Read off the RFs of two neighbouring
+    central cells (unclipped), so padding conventions need no modelling."""
     erf = require("erftool.erf")
-    pts = positions if positions is not None else res.protocol.get("rf_positions") \
-        or res.protocol.get("positions")
-    if pts is None:
-        h, w = res.protocol["layer_size"]
-        pts = [[h // 2, w // 2]]
-    res.rf_boxes = erf.theoretical_rf(rigid_skeleton(model), tuple(input_shape), pts,
-                                      layer=res.protocol["layer"])
-    res.protocol["rf_positions"] = [list(map(int, p)) for p in pts]
-    res.protocol["rf_method"] = "positive surrogate of the rigid skeleton (offsets zeroed)"
-    if res.count > 0:
-        res.metrics_all = [erf.metrics.summary(res.maps[i], res.rf_boxes[min(i, len(pts) - 1)])
-                           for i in range(len(res.maps))]
+    h, w = layer_size
+    c0 = np.array([h // 2, w // 2])
+    c1 = np.minimum(c0 + 1, np.array([h, w]) - 1)
+    boxes = erf.theoretical_rf(model, tuple(input_shape), np.stack([c0, c1]), layer=layer)
+    mid = (boxes[:, :2] + boxes[:, 2:]) / 2.0
+    step = np.where(c1 > c0, (mid[1] - mid[0]) / np.maximum(c1 - c0, 1), 1.0)
+    cells = np.asarray(cells, dtype=float).reshape(-1, 2)
+    return mid[0] + (cells - c0) * step
 
 
 def model_erf(name, model, inputs: Inputs, *, layer, position, object_centres, rule, device):
@@ -147,18 +143,21 @@ def model_erf(name, model, inputs: Inputs, *, layer, position, object_centres, r
         x = x[idx]
         res = erf.compute_erf(model, x, layer=layer, rule=rule, keep_per_image=True,
                               position=erf.PerImage(pts, space="input"), device=device,
-                              rf=False, metrics=False)
-        # Per-image maps re-centred on their probe so the mean is an aligned ERF.
+                              metrics=False)
+        # Per-image maps re-centred on their probed unit (the cell covering the object
+        # centre, up to a stride away from it) so the mean is an aligned ERF; the
+        # engine's RF box is the centre unit's, which is where the probes now sit.
         per = res.per_image[:, 0].astype(np.float64)
-        m = np.mean([recentre(p, c) for p, c in zip(per, pts)], axis=0)
+        at = cell_centres(model, tuple(x.shape[1:]), res.protocol["layer"],
+                          res.protocol["layer_size"], res.image_positions)
+        m = np.mean([recentre(p, c) for p, c in zip(per, at)], axis=0)
         res.maps = m[None]
-        attach_rf(res, model, tuple(x.shape[1:]))
+        res.metrics_all = [erf.metrics.summary(m, res.rf_boxes[0] if res.rf_boxes is not None
+                                               else None)]
         size = tuple(x.shape[-2:])
         marker = (size[0] // 2, size[1] // 2)
     else:
-        res = erf.compute_erf(model, x, layer=layer, rule=rule, position=position, device=device,
-                              rf=False, metrics=False)
-        attach_rf(res, model, tuple(x.shape[1:]))
+        res = erf.compute_erf(model, x, layer=layer, rule=rule, position=position, device=device)
         marker, exact = probe_marker(res, tuple(x.shape[-2:]), exact=True)
         m = res.maps[0]
     return ModelERF(name=name, map=np.asarray(m, dtype=np.float64), result=res,
@@ -339,8 +338,7 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
         centres = inputs.centres[0]
         if pos is not None or not centres:
             res = erf.compute_erf(model, inputs.images, layer=layer, rule=rule, position=pos,
-                                  device=dev, rf=False, metrics=False)
-            attach_rf(res, model, tuple(inputs.images.shape[1:]))
+                                  device=dev, metrics=False)
             emap, boxes = res.maps[0], [_exclusive(res.rf_box)]
             marks = [probe_marker(res, tuple(inputs.images.shape[-2:]))]
         else:
@@ -355,8 +353,7 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
             emap = np.max([p / p.max() if p.max() > 0 else p for p in per], axis=0)
             lpos = res.image_positions
             boxes = [_exclusive(b) for b in erf.theoretical_rf(
-                rigid_skeleton(model), tuple(x.shape[1:]), lpos, layer=res.protocol["layer"],
-                device=dev)]
+                model, tuple(x.shape[1:]), lpos, layer=res.protocol["layer"], device=dev)]
             marks = [tuple(c) for c in centres]
         display, what = inputs.display[0], f"synthetic, seed {seed}"
         count = 1
@@ -366,8 +363,7 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
     else:
         inputs = file_inputs(image, channels, preprocessing(model))
         res = erf.compute_erf(model, inputs.images, layer=layer, rule=rule, position=pos,
-                              device=dev, rf=False, metrics=False)
-        attach_rf(res, model, tuple(inputs.images.shape[1:]))
+                              device=dev, metrics=False)
         emap, boxes = res.maps[0], [_exclusive(res.rf_box)]
         marks = [probe_marker(res, tuple(inputs.images.shape[-2:]))]
         display, what, count = inputs.display[0], Path(image).name, 1

@@ -32,8 +32,9 @@ def _outline(ax, box: Box, color: str, style: str, label: str | None = None) -> 
 
 def _mark(ax, pos, label: str | None = None) -> None:
     y, x = pos
-    ax.plot([x], [y], marker="+", markersize=9, markeredgewidth=1.6, color=MARK_COLOR,
-            linestyle="none", label=label)
+    # An open ring: the pixel under it (often the ERF peak) stays visible.
+    ax.plot([x], [y], marker="o", markersize=9, markeredgewidth=1.5, markerfacecolor="none",
+            markeredgecolor=MARK_COLOR, linestyle="none", label=label)
 
 
 def comparison_grid(maps: Mapping[str, object], *, mode: str = "shared", title: str = "",

@@ -59,9 +59,9 @@ def sampling_figure(rows: Sequence[Mapping], *, title: str = ""):
                 ax.scatter(p[:, 1], p[:, 0], s=14, color=DC_COLOR, edgecolors="black",
                            linewidths=0.4, label="DC sampling points", zorder=3)
             if row.get("centre") is not None:
-                ax.plot([row["centre"][1]], [row["centre"][0]], marker="+", markersize=10,
-                        markeredgewidth=1.8, color=MARK_COLOR, linestyle="none",
-                        label="object centre")
+                ax.plot([row["centre"][1]], [row["centre"][0]], marker="o", markersize=9,
+                        markeredgewidth=1.5, markerfacecolor="none", markeredgecolor=MARK_COLOR,
+                        linestyle="none", label="object centre")
             if img is not None:
                 # Points outside the image read zero padding; keep the frame on the image.
                 ax.set_xlim(-0.5, img.shape[1] - 0.5)
