@@ -124,7 +124,7 @@ def heatmap(checkpoint, image, layer, position, rule, arch, out, fmt, device, qu
       erftool heatmap model.pt --image cat.png --position 4,4 --out cat-erf.png
       erftool heatmap model.pt --image synthetic:3
     """
-    from erftool.cli_utils_compare import run_heatmap
+    from erftool.cli_utils_heatmap import run_heatmap
     path = run_heatmap(checkpoint=checkpoint, image=image, layer=layer, position=position,
                        rule=rule, arch=arch, out=out, fmt=fmt, device=device,
                        console=Console(quiet))
@@ -216,7 +216,7 @@ def train(arch, out, epochs, seed, train_size, val_size, resume, overwrite, devi
     Example:
       erftool train resnet-tiny-dk-local --out dk.pt --epochs 6
     """
-    from erftool.cli_utils_compare import run_train
+    from erftool.cli_utils_train import run_train
     path = run_train(arch=arch, out=out, epochs=epochs, seed=seed, device=device,
                      console=Console(quiet), resume=resume, overwrite=overwrite,
                      train_size=train_size, val_size=val_size)

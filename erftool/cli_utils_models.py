@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")

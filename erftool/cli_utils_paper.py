@@ -3,6 +3,7 @@
 samples the data; (3) ERF size against the (exactly known) object scale."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +17,21 @@ SCALE_IMAGES = 24   # synthetic images measured for the ERF-size-vs-scale figure
 
 def _models():
     """[(name, model)] of the bundled checkpoints, in the paper's column order."""
-    import torch
     paths = bundled_checkpoints()
     if not paths:
         raise ValueError("no bundled checkpoints in erftool/checkpoints/ "
                          "(train them first; see `erftool train`)")
-    return [(p.stem, load_model(p, None, torch.device("cpu"))) for p in paths]
+    return _load_all(tuple(str(p) for p in paths))
 
 
+@functools.lru_cache(maxsize=2)
+def _load_all(paths: tuple):
+    # One load per run of `erftool figures`, shared by the three paper figures.
+    import torch
+    return [(Path(p).stem, load_model(p, None, torch.device("cpu"))) for p in paths]
+
+
+@functools.lru_cache(maxsize=4)
 def _scene_data(n: int, seed: int, channels: int):
     from erftool.cli_utils_data import synthetic_batch
     return synthetic_batch(n, seed, channels)

@@ -1,7 +1,6 @@
 """The CLI through click's CliRunner (stub models where the zoo is not needed) and as a
 subprocess: outputs, --help, and clean exit-2 failures that leave nothing behind."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import cli
-from erftool import cli_utils_compare, cli_utils_models
+from erftool import cli_utils_compare, cli_utils_heatmap, cli_utils_models
 from erftool.cli_utils_models import Inputs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,8 +55,9 @@ def stubbed(monkeypatch, tmp_path):
         if p.read_text() == "unknown-arch":
             raise ValueError(f"checkpoint {p}: unknown architecture 'nope'")
         return TinyNet(seed=len(p.stem)).eval()
-    monkeypatch.setattr(cli_utils_compare, "load_model", load)
-    monkeypatch.setattr(cli_utils_compare, "synthetic_inputs", _fake_inputs)
+    for mod in (cli_utils_compare, cli_utils_heatmap):
+        monkeypatch.setattr(mod, "load_model", load)
+        monkeypatch.setattr(mod, "synthetic_inputs", _fake_inputs)
     ckpts = []
     for name in ("rigid", "dk"):
         p = tmp_path / f"{name}.pt"
