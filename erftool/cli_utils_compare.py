@@ -113,9 +113,9 @@ def share_markers(erfs) -> None:
             e.marker = exact[key(e)]
 
 
-def cell_centres(model, input_shape, layer: str, layer_size, cells) -> np.ndarray:
-    """Input-pixel centres (y, x) of layer cells: the centre of a cell's theoretical RF,
-    which moves by the total stride per cell. Read off the RFs of two neighbouring
+def _cell_grid(model, input_shape, layer: str, layer_size):
+    """(centre cell, its RF centre in pixels, pixels per cell): a cell's theoretical-RF
+    centre moves by the total stride per cell. Read off the RFs of two neighbouring
     central cells (unclipped), so padding conventions need no modelling."""
     erf = require("erftool.erf")
     h, w = layer_size
@@ -124,8 +124,29 @@ def cell_centres(model, input_shape, layer: str, layer_size, cells) -> np.ndarra
     boxes = erf.theoretical_rf(model, tuple(input_shape), np.stack([c0, c1]), layer=layer)
     mid = (boxes[:, :2] + boxes[:, 2:]) / 2.0
     step = np.where(c1 > c0, (mid[1] - mid[0]) / np.maximum(c1 - c0, 1), 1.0)
-    cells = np.asarray(cells, dtype=float).reshape(-1, 2)
-    return mid[0] + (cells - c0) * step
+    return c0, mid[0], step
+
+
+def cell_centres(model, input_shape, layer: str, layer_size, cells) -> np.ndarray:
+    """Input-pixel centres (y, x) of layer cells (the centres of their theoretical RFs)."""
+    c0, mid, step = _cell_grid(model, input_shape, layer, layer_size)
+    return mid + (np.asarray(cells, dtype=float).reshape(-1, 2) - c0) * step
+
+
+def nearest_cells(model, images, layer, points):
+    """(layer name, (N, 2) cells): for each input-pixel point, the unit of the probed
+    layer whose RF is centred closest to it -- the "unit at the object centre". (The
+    engine's input-space positions take the cell whose pixel block covers the point,
+    whose RF centre can sit most of a stride away.)"""
+    import torch
+    from erftool.erf.layers import default_layer, resolve_layer, run_to_layer
+    x = images[:1]
+    name = default_layer(model, x) if layer is None else resolve_layer(model, layer)[0]
+    with torch.no_grad():
+        size = tuple(run_to_layer(model, resolve_layer(model, name)[1], x).shape[-2:])
+    c0, mid, step = _cell_grid(model, tuple(images.shape[1:]), name, size)
+    cells = np.rint((np.asarray(points, dtype=float).reshape(-1, 2) - mid) / step + c0)
+    return name, np.clip(cells, 0, np.array(size) - 1).astype(np.int64)
 
 
 def model_erf(name, model, inputs: Inputs, *, layer, position, object_centres, rule, device):
@@ -140,8 +161,9 @@ def model_erf(name, model, inputs: Inputs, *, layer, position, object_centres, r
         if not pts:
             raise ValueError("--object-centres: the images have no objects")
         x = x[idx]
-        res = erf.compute_erf(model, x, layer=layer, rule=rule, keep_per_image=True,
-                              position=erf.PerImage(pts, space="input"), device=device,
+        lname, cells = nearest_cells(model, x, layer, pts)
+        res = erf.compute_erf(model, x, layer=lname, rule=rule, keep_per_image=True,
+                              position=erf.PerImage(cells, space="layer"), device=device,
                               metrics=False)
         # Per-image maps re-centred on their probed unit (the cell covering the object
         # centre, up to a stride away from it) so the mean is an aligned ERF; the

@@ -8,7 +8,8 @@ import numpy as np
 
 from erftool import plotting
 from erftool.cli_utils import Console, parse_position, resolve_device
-from erftool.cli_utils_compare import _exclusive, probe_marker, synthetic_inputs
+from erftool.cli_utils_compare import (_exclusive, nearest_cells, probe_marker,
+                                       synthetic_inputs)
 from erftool.cli_utils_models import file_inputs, in_channels, load_model, preprocessing, require
 
 
@@ -37,8 +38,9 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
             x = inputs.images.expand(len(centres), -1, -1, -1)
             with console.progress([0], "ERF at the object centre(s)") as bar:
                 for _ in bar:
-                    res = erf.compute_erf(model, x, layer=layer, rule=rule, keep_per_image=True,
-                                          position=erf.PerImage(centres, space="input"),
+                    lname, cells = nearest_cells(model, x, layer, centres)
+                    res = erf.compute_erf(model, x, layer=lname, rule=rule, keep_per_image=True,
+                                          position=erf.PerImage(cells, space="layer"),
                                           device=dev, rf=False)
             per = np.abs(res.per_image[:, 0].astype(np.float64))
             # Each object's ERF scaled to its own peak, so small objects stay visible.
@@ -51,7 +53,7 @@ def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, dev
         count = 1
         if pos is None and centres:
             cbar = "|ERF| / each object's peak (opacity follows value)"
-            mark_label = "object centre (probe: the cell covering it)"
+            mark_label = "object centre (probe: the unit centred nearest)"
     else:
         inputs = file_inputs(image, channels, preprocessing(model))
         res = erf.compute_erf(model, inputs.images, layer=layer, rule=rule, position=pos,

@@ -11,8 +11,6 @@ from typing import Sequence
 
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
-# Bundled checkpoints are shown in the paper's column order when present.
-PAPER_ORDER = ("rigid", "dc", "dk", "dk_dc", "dkdc", "dk+dc")
 MAX_SIDE = 256  # folder images larger than this are scaled down: ERFs of big images are slow
 
 
@@ -31,12 +29,24 @@ def bundled_dir() -> Path:
 
 
 def _paper_key(p: Path):
+    """Sort key putting rigid, DC, DK (local), DK (global), DK+DC first, whatever the
+    file's naming style (dk_dc.pt, resnet-tiny-dk+dc.pt, ...)."""
     stem = p.stem.lower()
-    # Longest name first, so "dk_dc_net" is taken as dk_dc, not dk.
-    for name in sorted(PAPER_ORDER, key=len, reverse=True):
-        if stem == name or stem.startswith(name + "_") or stem.endswith("_" + name):
-            return (PAPER_ORDER.index(name), stem)
-    return (len(PAPER_ORDER), stem)
+    tokens = stem.replace("-", "_").replace("+", "_").split("_")
+    joined = "_".join(tokens)
+    if "dk_dc" in joined or "dkdc" in tokens:
+        rank = 4
+    elif "dk" in tokens and "global" in tokens:
+        rank = 3
+    elif "dk" in tokens:
+        rank = 2
+    elif "dc" in tokens:
+        rank = 1
+    elif "rigid" in tokens:
+        rank = 0
+    else:
+        rank = 5
+    return (rank, stem)
 
 
 def bundled_checkpoints() -> list[Path]:

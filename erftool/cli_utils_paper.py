@@ -48,12 +48,15 @@ def _objects(inputs):
 
 
 def _erf_at(model, image, centre, *, per_image=False):
+    """ERF(s) of the unit(s) at object centre(s): the layer unit whose RF is centred
+    nearest each centre."""
+    from erftool.cli_utils_compare import nearest_cells
     erf = require("erftool.erf")
     x = image[None] if image.dim() == 3 else image
     centres = [centre] if not per_image else centre
-    res = erf.compute_erf(model, x, rule=RULE, keep_per_image=True, rf=False, metrics=False,
-                          position=erf.PerImage(centres, space="input"))
-    return res
+    layer, cells = nearest_cells(model, x, None, centres)
+    return erf.compute_erf(model, x, layer=layer, rule=RULE, keep_per_image=True, rf=False,
+                           metrics=False, position=erf.PerImage(cells, space="layer"))
 
 
 # ---------------------------------------------------------------- (1) comparison
@@ -87,7 +90,8 @@ def _deformable_layer(model, kind: str):
     found = None
     for name, m in model.named_modules():
         if kind == "kernel" and isinstance(m, nn_mod.DeformKernel2d) \
-                and not isinstance(m, nn_mod.DeformKernelConv2d):
+                and not isinstance(m, nn_mod.DeformKernelConv2d) \
+                and getattr(m, "mode", "local") == "local":
             found = (name, m)
         elif kind == "data" and isinstance(m, nn_mod.DeformConv2d):
             found = (name, m)

@@ -242,6 +242,10 @@ def test_unique_names_and_bundled_order(tmp_path):
     keys = sorted([Path("dk.pt"), Path("rigid.pt"), Path("dk_dc.pt"), Path("dc.pt")],
                   key=cli_utils_models._paper_key)
     assert [k.stem for k in keys] == ["rigid", "dc", "dk", "dk_dc"]
+    keys = sorted([Path(f"resnet-tiny-{op}.pt") for op in
+                   ("dk+dc", "dk-global", "dk-local", "dc", "rigid")],
+                  key=cli_utils_models._paper_key)
+    assert [k.stem[12:] for k in keys] == ["rigid", "dc", "dk-local", "dk-global", "dk+dc"]
 
 
 def test_recentre_moves_probe_to_centre():

@@ -98,10 +98,15 @@ def comparison_grid(maps: Mapping[str, object], *, mode: str = "shared", title: 
     return fig
 
 
-def _overlay_rgba(erf: np.ndarray, cmap_name: str = HEAT_CMAP) -> np.ndarray:
-    """ERF as RGBA whose opacity follows its value, so the image shows where ERF is ~0."""
-    peak = float(erf.max())
-    v = erf / peak if peak > 0 else erf
+def _overlay_rgba(erf: np.ndarray, cmap_name: str = HEAT_CMAP,
+                  percentile: float | None = None) -> np.ndarray:
+    """ERF as RGBA whose opacity follows its value, so the image shows where ERF is ~0.
+    With `percentile`, values are scaled to that percentile and clipped, so a few hot
+    pixels of a single-image ERF do not wash out the rest."""
+    peak = float(erf.max()) if percentile is None else float(np.percentile(erf, percentile))
+    if peak <= 0:
+        peak = float(erf.max())
+    v = np.clip(erf / peak, 0, 1) if peak > 0 else erf
     rgba = colormaps[cmap_name](v)
     rgba[..., 3] = np.clip(np.sqrt(v) * 0.9, 0.0, 0.9)
     return rgba
@@ -150,12 +155,13 @@ def overlay(image, erf, *, positions: Sequence[Sequence[float]] = (),
 
 
 def object_centre_comparison(rows: Sequence[Mapping], models: Sequence[str], *,
-                             title: str = ""):
+                             title: str = "", percentile: float = 99.5):
     """The paper's ERF figure: rows = images (e.g. small / large object), columns = models.
 
     Each row is a mapping with "label", "image", "maps" {model: ERF}, and optionally
-    "centre" (y, x) and "box" (y0, x0, y1, x1). Each panel is normalised to its own peak,
-    as the paper shows where each network looks, not how strongly."""
+    "centre" (y, x) and "box" (y0, x0, y1, x1). Each panel is scaled to its own
+    `percentile` (clipped above), as the paper shows where each network looks, not how
+    strongly; single-image ERFs have a few extreme pixels that a max would let dominate."""
     if not rows or not models:
         raise ValueError("need at least one image row and one model")
     nr, nc = len(rows), len(models)
@@ -167,7 +173,7 @@ def object_centre_comparison(rows: Sequence[Mapping], models: Sequence[str], *,
             e = np.abs(as_map(row["maps"][name]))
             # Faint image: the object stays recognisable without competing with the ERF.
             _show_image(ax, row["image"], alpha=0.4, grey=True)
-            ax.imshow(_overlay_rgba(e), interpolation="nearest")
+            ax.imshow(_overlay_rgba(e, percentile=percentile), interpolation="nearest")
             if row.get("box") is not None:
                 _outline(ax, row["box"], BOX_COLOR, "-")
             if row.get("centre") is not None:
@@ -182,7 +188,7 @@ def object_centre_comparison(rows: Sequence[Mapping], models: Sequence[str], *,
             if c == 0:
                 ax.set_ylabel(row["label"], fontsize=9)
     fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap=HEAT_CMAP), ax=axes.ravel().tolist(),
-                 shrink=0.8, label="|ERF| / panel peak")
+                 shrink=0.8, label=f"|ERF| / panel's {percentile:g}th percentile (clipped at 1)")
     if title:
         fig.suptitle(title, fontsize=10)
     return fig

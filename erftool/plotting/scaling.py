@@ -44,7 +44,7 @@ def scaling_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
     ax.set_xlabel(scale_label)
     ax.set_ylabel(size_label)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title="Pearson r, least-squares slope", title_fontsize=7)
+    ax.legend(fontsize=7, title="Pearson r, least-squares slope", title_fontsize=7, loc="best")
     if title:
         ax.set_title(title, fontsize=9)
     return fig
