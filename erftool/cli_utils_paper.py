@@ -12,7 +12,7 @@ from erftool import plotting
 from erftool.cli_utils_models import bundled_checkpoints, in_channels, load_model, require
 
 RULE = "abs"
-SCALE_IMAGES = 24   # synthetic images measured for the ERF-size-vs-scale figure
+SCALE_IMAGES = 48   # synthetic images measured for the ERF-size-vs-scale figure
 
 
 def _models():

@@ -118,7 +118,7 @@ def test_scaling_figure_reports_correlation():
     assert r == pytest.approx(1.0) and slope == pytest.approx(2.0) and icpt == pytest.approx(1)
     assert np.isnan(P.correlation([1, 1], [2, 3])[0])
     fig = P.scaling_figure({"dk": (x, 2 * x + 1), "rigid": (x, np.full(10, 3.0))})
-    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels[0].startswith("dk: r=+1.00") and labels[1] == "rigid"
 
 

@@ -27,7 +27,7 @@ def scaling_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
     """`series` maps model name -> (object scales, ERF sizes measured at those objects)."""
     if not series:
         raise ValueError("no ERF-size series to plot")
-    fig = new_figure(6.4, 4.6)
+    fig = new_figure(6.4, 5.2)
     ax = fig.subplots()
     xs_all = []
     for i, (name, (xs, ys)) in enumerate(series.items()):
@@ -44,7 +44,9 @@ def scaling_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
     ax.set_xlabel(scale_label)
     ax.set_ylabel(size_label)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title="Pearson r, least-squares slope", title_fontsize=7, loc="best")
+    # Below the axes: with many points any inside corner hides some.
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2,
+               fontsize=7, title="Pearson r, least-squares slope", title_fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
     return fig
