@@ -114,7 +114,7 @@ def main():
             acc += F.relu(g)[0].sum(0)
         return acc / n_loop
 
-    positions = [(1, 1), (2, 2), (3, 3), (4, 4)]
+    positions = [(i, i) for i in range(4)]  # fits layer4 maps of 4x4 and up
 
     def ours_multi():
         return compute_erf(model, x, layer="layer4", position=positions, rule="relu",
