@@ -188,7 +188,8 @@ def figures(out, fmt, only, bench_json, seed, quiet):
     if unknown:
         raise CliFailure(f"unknown figure {unknown[0]!r}; choose from {', '.join(FIGURES)}")
     written = run_figures(out=out, fmt=fmt, only=list(only) or list(FIGURES),
-                          bench_json=bench_json, seed=seed, console=Console(quiet))
+                          bench_json=bench_json, seed=seed, console=Console(quiet),
+                          skip_missing=not only)
     for p in written:
         click.echo(str(p))
 

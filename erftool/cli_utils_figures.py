@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from erftool import plotting
-from erftool.cli_utils import Console, staged_output
+from erftool.cli_utils import Console, staged_output, user_message
 from erftool.cli_utils_models import require
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,14 +178,25 @@ def _builders():
     }
 
 
-def run_figures(*, out, fmt, only, bench_json, seed, console: Console) -> list[Path]:
+def run_figures(*, out, fmt, only, bench_json, seed, console: Console,
+                skip_missing: bool = False) -> list[Path]:
+    """Build the figures in `only` into `out`. With skip_missing (every figure asked
+    for implicitly), a figure whose inputs are absent -- no benchmark results yet -- is
+    skipped with a warning and the rest are still written; named figures must succeed."""
     builders = _builders()
     ctx = {"seed": seed, "bench_json": bench_json}
     written = []
     with staged_output(out) as tmp:
         with console.progress(list(only), "figures") as bar:
             for name in bar:
-                fig = builders[name](ctx)
+                try:
+                    fig = builders[name](ctx)
+                except FileNotFoundError as err:
+                    if not skip_missing:
+                        raise
+                    import click
+                    click.echo(f"warning: {name} skipped: {user_message(err)}", err=True)
+                    continue
                 plotting.save(fig, tmp / name, fmt)
                 written.append(Path(out) / f"{name}.{fmt}")
     return written
