@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Mapping
 
 import numpy as np
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ._style import color, new_figure
 
@@ -23,42 +22,50 @@ def _ops(panels: Mapping[str, Cases], baseline: str) -> list[str]:
 def speed_figure(panels: Mapping[str, Cases], *, baseline: str = "conv2d", unit: str = "ms",
                  title: str = ""):
     """One panel per pass (e.g. "forward", "forward + backward"); in each, one bar group
-    per case on a log axis, each bar annotated with its multiple of the baseline's time
-    in the same case. Ops keep one colour across panels."""
+    per case. Bars show time as a multiple of the baseline's time in the same case, on a
+    linear axis from 0 (a dotted line marks 1x), each labelled with the absolute time.
+    Ops keep one colour across panels."""
     if not panels or not any(panels.values()):
         raise ValueError("no benchmark cases to plot")
     ops = _ops(panels, baseline)
     n_cases = max(len(c) for c in panels.values())
     h = 0.8 / len(ops)
-    fig = new_figure(5.0 * len(panels) + 1.2, 1.3 + 0.22 * len(ops) * n_cases)
-    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=False, squeeze=False)).ravel()
+    fig = new_figure(5.0 * len(panels) + 1.4, 1.4 + 0.24 * len(ops) * n_cases)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
     for k, (ax, (ptitle, cases)) in enumerate(zip(axes, panels.items())):
         labels = list(cases)
+        top = 1.0
         for j, op in enumerate(ops):
             ys = np.arange(len(labels)) + j * h
-            vals = np.array([cases[c].get(op, np.nan) for c in labels], dtype=float)
-            ax.barh(ys, vals, height=h * 0.9, color=color(j), label=op)
-            for y, c, v in zip(ys, labels, vals):
-                base = cases[c].get(baseline)
-                if np.isfinite(v) and base and op != baseline:
-                    ax.text(v, y, f" {v / base:.1f}x", va="center", fontsize=6)
+            for y, c in zip(ys, labels):
+                v, base = cases[c].get(op), cases[c].get(baseline)
+                if v is None or not base or not np.isfinite(v):
+                    continue
+                ratio = v / base
+                top = max(top, ratio)
+                ax.barh(y, ratio, height=h * 0.9, color=color(j),
+                        label=op if y == ys[0] or c == labels[0] else None)
+                shown = f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+                ax.text(ratio, y, f" {ratio:.1f}x ({shown} {unit})", va="center", fontsize=6)
+        ax.axvline(1.0, color="0.3", linestyle=":", linewidth=1)
         ax.set_yticks(np.arange(len(labels)) + 0.4 - h / 2, labels if k == 0 else
                       [""] * len(labels), fontsize=7)
-        ax.set_ylim(len(labels) - 0.1, -0.2)
-        ax.set_xscale("log")
-        # Plain numbers on decades only: minor labels collide on short log ranges.
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(f"time per call ({unit}, log scale)")
-        ax.grid(alpha=0.3, axis="x", which="both")
-        ax.set_title(f"{ptitle} (labels: multiple of {baseline})", fontsize=9)
-        # Room on the right for the ratio labels of the longest bars.
-        lo, hi = ax.get_xlim()
-        ax.set_xlim(lo, hi * 2.2)
-    handles, labels = axes[0].get_legend_handles_labels()
+        ax.set_ylim(len(labels) - 0.2 + h / 2, -h)
+        # Room on the right for the labels of the longest bars.
+        ax.set_xlim(0, top * 1.45)
+        ax.set_xlabel(f"time / {baseline} time (same shape)")
+        ax.grid(alpha=0.3, axis="x")
+        ax.set_title(ptitle, fontsize=9)
+    handles, names = [], []
+    for ax in axes:  # one legend entry per op, in bar order
+        for hd, nm in zip(*ax.get_legend_handles_labels()):
+            if nm not in names:
+                handles.append(hd)
+                names.append(nm)
+    order = [names.index(o) for o in ops if o in names]
     # Outside the axes, so it never hides bars.
-    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    fig.legend([handles[i] for i in order], [names[i] for i in order],
+               loc="outside right upper", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
