@@ -378,3 +378,18 @@ def test_doctor_and_models():
     assert res.exit_code == 0 and "python" in json.loads(res.output)
     res = invoke("models")
     assert res.exit_code == 0 and "resnet-tiny-dk-local" in res.output
+
+
+def test_real_loader_rejects_bad_checkpoints(tmp_path):
+    """No stubs: erftool.checkpoint's own refusals reach the user as exit 2."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00garbage" * 10)
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(3)}, plain)
+    for ckpt, extra, needle in ((garbage, [], "garbage.pt"), (plain, [], "plain state_dict"),
+                                (plain, ["--arch", "no-such-net"], "unknown model")):
+        out = tmp_path / "o"
+        res = CliRunner().invoke(cli.main, ["compare", str(ckpt), *extra, "--out", str(out)])
+        assert res.exit_code == 2, res.output
+        assert needle in res.output and "Traceback" not in res.output
+        assert not out.exists()
