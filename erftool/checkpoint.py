@@ -31,7 +31,7 @@ FORMAT = "erftool-checkpoint"
 FORMAT_VERSION = 1
 PathLike = Union[str, Path]
 
-__all__ = ["save", "load", "read", "LoadedCheckpoint", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save", "load", "read", "export", "LoadedCheckpoint", "FORMAT", "FORMAT_VERSION"]
 
 
 @dataclass
@@ -102,6 +102,12 @@ def save(path: PathLike, model: nn.Module, *, arch: Optional[str] = None,
     target = Path(path)
     if target.is_dir():
         raise ErftoolError(f"save: {str(target)!r} is a folder; give a file path")
+    return _write_atomically(payload, target)
+
+
+def _write_atomically(payload: Dict[str, Any], target: Path) -> Path:
+    """torch.save to a temporary file in the target's folder, fsync, os.replace:
+    readers see the old file or the new one, never half of one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
@@ -148,6 +154,17 @@ def read(path: PathLike) -> Dict[str, Any]:
         return {"state_dict": dict(obj["state_dict"])}  # common {"state_dict": ...} wrappers
     raise ErftoolError(f"checkpoint {str(p)!r} is neither an erftool checkpoint nor a "
                        f"state_dict (found {type(obj).__name__})")
+
+
+def export(src: PathLike, dst: PathLike) -> Path:
+    """Copy an erftool checkpoint without its optimiser state (for distribution:
+    smaller, and nothing a user needs to evaluate it); written atomically."""
+    raw = read(src)
+    if "format" not in raw:
+        raise ErftoolError(f"export: {str(src)!r} is a plain state_dict, not an erftool "
+                           f"checkpoint")
+    raw.pop("optimizer_state", None)
+    return _write_atomically(raw, Path(dst))
 
 
 def _strip_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -111,3 +111,15 @@ def test_garbage_and_missing_files(tmp_path):
         checkpoint.load(tmp_path / "junk.pt", arch="resnet18")
     with pytest.raises(ErftoolError, match="does not exist"):
         checkpoint.load(tmp_path / "none.pt")
+
+
+def test_export_drops_the_optimiser_state(tmp_path):
+    model = create_model("linear-stack")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(1, 1, 8, 8)).sum().backward()
+    opt.step()
+    src = checkpoint.save(tmp_path / "a.pt", model, optimizer_state=opt.state_dict())
+    assert "optimizer_state" in checkpoint.read(src)
+    dst = checkpoint.export(src, tmp_path / "b.pt")
+    assert "optimizer_state" not in checkpoint.read(dst)
+    torch.testing.assert_close(checkpoint.load(dst).model[0].weight, model[0].weight)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from erftool import checkpoint
+from erftool import checkpoint, training
 from erftool.errors import ErftoolError
 from erftool.training import lr_at, train
 
@@ -26,11 +26,21 @@ def test_training_is_deterministic_and_records_metadata(tmp_path):
     assert "optimizer_state" in checkpoint.read(a)
 
 
-def test_resume_after_an_interruption_loses_no_epoch(tmp_path):
+def test_resume_after_an_interruption_loses_no_epoch(tmp_path, monkeypatch):
     straight = train("resnet-tiny-dk-local", epochs=2, seed=0, out=tmp_path / "s.pt", **TINY)
-    # "Interrupted" after epoch 1: the per-epoch checkpoint holds everything to go on.
-    part = train("resnet-tiny-dk-local", epochs=1, seed=0, out=tmp_path / "r.pt", **TINY)
-    resumed = train("resnet-tiny-dk-local", epochs=2, seed=0, out=part, resume=True, **TINY)
+    real_save = training.checkpoint.save
+
+    def save_then_die(*args, **kwargs):  # killed right after epoch 1's checkpoint
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train("resnet-tiny-dk-local", epochs=2, seed=0, out=tmp_path / "r.pt", **TINY)
+    monkeypatch.undo()
+    assert checkpoint.read(tmp_path / "r.pt")["metadata"]["epochs_done"] == 1
+    resumed = train("resnet-tiny-dk-local", epochs=2, seed=0, out=tmp_path / "r.pt",
+                    resume=True, **TINY)
     assert checkpoint.read(resumed)["metadata"]["epochs_done"] == 2
     for k, v in _state(straight).items():
         torch.testing.assert_close(v, _state(resumed)[k], rtol=1e-5, atol=1e-6)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 CLASSES = ("disc", "square", "triangle", "ring", "cross", "star", "glyph-L", "blob")
 FILLS = ("solid", "stripes", "checker")
 N_WAVES = 3
-N_LINES = 4
+N_LINES = 3
 
 
 def sample_params(seed, indices: Sequence[int], *, scale_range, rotation: bool,
@@ -66,14 +66,14 @@ def _one(rng, scale_range, rotation, stretch, elastic, clutter, size, num_classe
         fill=np.int64(rng.integers(len(FILLS))),
         fill_freq=np.float32(rng.uniform(5, 9)),
         fill_angle=np.float32(rng.uniform(0, math.pi)),
-        colour=np.clip(bg + sign * rng.uniform(0.25, 0.45, 3), 0, 1).astype(np.float32),
+        colour=np.clip(bg + sign * rng.uniform(0.3, 0.5, 3), 0, 1).astype(np.float32),
         bg=bg.astype(np.float32),
         noise_low=rng.normal(0, 1, (3, 4, 4)).astype(np.float32),
         noise_mid=rng.normal(0, 1, (3, 8, 8)).astype(np.float32),
         noise_fine=rng.normal(0, 1, (1, 16, 16)).astype(np.float32),
         lines=rng.uniform(0, size, (N_LINES, 4)).astype(np.float32),
-        line_width=rng.uniform(0.8, 2.2, N_LINES).astype(np.float32),
-        line_on=(rng.uniform(size=N_LINES) < (0.7 if clutter else 0.0)).astype(np.float32),
+        line_width=rng.uniform(0.7, 1.6, N_LINES).astype(np.float32),
+        line_on=(rng.uniform(size=N_LINES) < (0.6 if clutter else 0.0)).astype(np.float32),
         line_colour=rng.uniform(0, 1, (N_LINES, 3)).astype(np.float32),
     )
 
@@ -129,8 +129,8 @@ def _background(p: Dict[str, torch.Tensor], size: int) -> torch.Tensor:
     def up(t):
         return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
 
-    img = p["bg"][:, :, None, None] + 0.12 * up(p["noise_low"]) + 0.08 * up(p["noise_mid"]) \
-        + 0.05 * up(p["noise_fine"])
+    img = p["bg"][:, :, None, None] + 0.10 * up(p["noise_low"]) + 0.05 * up(p["noise_mid"]) \
+        + 0.03 * up(p["noise_fine"])
     ys = torch.arange(size, dtype=torch.float32).view(1, size, 1)
     xs = torch.arange(size, dtype=torch.float32).view(1, 1, size)
     for j in range(p["lines"].shape[1]):
@@ -184,7 +184,7 @@ def render(params: Dict[str, np.ndarray], size: int) -> Dict[str, torch.Tensor]:
         sdf[idx] = _sdf(label, q[idx], sub)
     # ~1 px anti-aliased edge: canonical distance times pixels per unit.
     alpha = (0.5 - sdf * p["scale"][:, None, None]).clamp(0, 1)
-    colour = p["colour"][:, :, None, None] * (0.55 + 0.45 * _fill(q, p)[:, None])
+    colour = p["colour"][:, :, None, None] * (0.7 + 0.3 * _fill(q, p)[:, None])
     image = _background(p, size) * (1 - alpha[:, None]) + colour * alpha[:, None]
     mask = alpha > 0.5
     rows, cols = mask.any(2), mask.any(1)
