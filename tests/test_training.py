@@ -60,3 +60,12 @@ def test_learning_rate_schedule():
     assert lr_at(0, 100, 0.1, 10) == pytest.approx(0.01)
     assert lr_at(10, 100, 0.1, 10) == pytest.approx(0.1)
     assert lr_at(100, 100, 0.1, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_progress_is_shown_unless_quiet(tmp_path, capsys):
+    settings = {**TINY, "quiet": False}
+    train("resnet-tiny-rigid", epochs=1, seed=0, out=tmp_path / "p.pt", **settings)
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "val acc" in err
+    train("resnet-tiny-rigid", epochs=1, seed=0, out=tmp_path / "q.pt", **TINY)
+    assert capsys.readouterr().err == ""
