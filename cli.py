@@ -84,7 +84,7 @@ def compare(checkpoints, images, synthetic, layer, position, object_centres, rul
     Examples:
       erftool compare                                 # bundled checkpoints and data
       erftool compare a.pt b.pt --images photos/ --out cmp --rule relu
-      erftool compare --synthetic 32 --object-centres --layer stage3
+      erftool compare --synthetic 32 --object-centres --layer layer2
     """
     from erftool.cli_utils_compare import CompareRequest, run_compare
     if images and synthetic:
