@@ -11,6 +11,7 @@ import sys
 
 import click
 
+import erftool
 from erftool.cli_utils import USER_ERRORS, CliFailure, Console, user_message
 
 RULES = ("signed", "abs", "relu", "square")
@@ -38,13 +39,14 @@ def _device_option(f):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="erftool", message="erftool %(version)s")
+@click.version_option(version=erftool.__version__, prog_name="erftool",
+                      message="%(prog)s %(version)s")
 def main():
     """Effective receptive fields of rigid, deformable-conv and deformable-kernel networks.
 
     \b
     Example:
-      erftool compare --out erf-report     # bundled models and data
+      erftool compare                      # bundled models and data -> erf-out/
       erftool verify                       # the theory checks
     """
 

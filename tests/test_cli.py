@@ -265,6 +265,8 @@ def _run(*args, env=None):
 def test_subprocess_help_and_missing_checkpoint(tmp_path):
     res = _run("--help")
     assert res.returncode == 0 and "compare" in res.stdout
+    res = _run("--version")
+    assert res.returncode == 0 and res.stdout.startswith("erftool ")
     res = _run("compare", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"))
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "No such checkpoint" in res.stderr
