@@ -11,10 +11,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "deform_cpu_kernels.h"
@@ -178,27 +180,41 @@ struct Chunk {
   int64_t positions(const Geometry& g) const { return nc * rows * g.Wo; }
 };
 
-// Working buffers stay below this even when chunk_bytes allows more: glibc
-// keeps freed blocks under 32 MB for reuse, while larger ones are unmapped
-// and page-faulted in again on every call (and smaller chunks stay in cache
-// between the column build and the GEMM).
-constexpr int64_t kPreferredChunkBytes = 24 << 20;
+// Each working buffer stays below this even when chunk_bytes allows more:
+// glibc keeps freed blocks under 32 MB for reuse, while larger ones are
+// unmapped and page-faulted in again on every call (smaller chunks also stay
+// in cache between the column build and the GEMM).
+constexpr int64_t kBufferCapBytes = 24 << 20;
+
+// Near-equal parts of [0, total), each at most `most` long.
+std::vector<std::pair<int64_t, int64_t>> split(int64_t total, int64_t most) {
+  const int64_t parts = (total + most - 1) / most, base = total / parts, extra = total % parts;
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t i = 0, start = 0; i < parts; ++i) {
+    const int64_t len = base + (i < extra ? 1 : 0);
+    out.push_back({start, len});
+    start += len;
+  }
+  return out;
+}
 
 // Chunks of whole images, or of output rows of one image when a single image
-// would overflow the byte budget.
+// would overflow the budget: chunk_bytes over all buffers of a position
+// (bytes_per_position), kBufferCapBytes for the largest one (largest_per_position).
 std::vector<Chunk> plan_chunks(const Geometry& g, int64_t bytes_per_position,
-                               int64_t chunk_bytes) {
-  const int64_t bytes = std::min(chunk_bytes, kPreferredChunkBytes);
-  const int64_t budget = std::max<int64_t>(1, bytes / std::max<int64_t>(1, bytes_per_position));
+                               int64_t largest_per_position, int64_t chunk_bytes) {
+  const int64_t budget = std::max<int64_t>(
+      1, std::min(chunk_bytes / std::max<int64_t>(1, bytes_per_position),
+                  kBufferCapBytes / std::max<int64_t>(1, largest_per_position)));
   std::vector<Chunk> out;
   const int64_t per_image = g.Ho * g.Wo;
   if (per_image <= budget) {
-    const int64_t step = std::min(g.N, budget / per_image);
-    for (int64_t n = 0; n < g.N; n += step) out.push_back({n, std::min(step, g.N - n), 0, g.Ho});
+    for (const auto& part : split(g.N, budget / per_image))
+      out.push_back({part.first, part.second, 0, g.Ho});
   } else {
-    const int64_t rows = std::max<int64_t>(1, budget / g.Wo);
+    const auto rows = split(g.Ho, std::max<int64_t>(1, budget / g.Wo));
     for (int64_t n = 0; n < g.N; ++n)
-      for (int64_t y = 0; y < g.Ho; y += rows) out.push_back({n, 1, y, std::min(rows, g.Ho - y)});
+      for (const auto& part : rows) out.push_back({n, 1, part.first, part.second});
   }
   return out;
 }
@@ -293,9 +309,29 @@ c10::optional<at::Tensor> contiguous_or_none(const c10::optional<at::Tensor>& t)
   return t->contiguous();
 }
 
-// Positions per parallel task: enough work to amortise the dispatch.
+// Positions per parallel block: enough work to amortise the dispatch.
 int64_t position_grain(const Geometry& g) {
-  return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.K * g.C));
+  return std::max<int64_t>(4, 65536 / std::max<int64_t>(1, g.K * g.C));
+}
+
+// f(begin, end) over [0, n) in blocks of `block`, handed out dynamically:
+// a thread that gets descheduled (a busy shared machine) or lands on slow
+// blocks does not hold the others up. Every output element is still written
+// by one block in a fixed order, so results do not depend on the schedule.
+template <typename F>
+void parallel_blocks(int64_t n, int64_t block, const F& f) {
+  if (n <= 0) return;
+  const int64_t nblocks = (n + block - 1) / block;
+  const int64_t workers = std::min<int64_t>(nblocks, at::get_num_threads());
+  if (workers <= 1) {
+    f(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1))
+      f(b * block, std::min(n, (b + 1) * block));
+  });
 }
 
 at::Tensor chunk_view(const at::Tensor& t, const Chunk& ch) {
@@ -315,7 +351,7 @@ void forward_impl(const Geometry& g, const Tensors<T>& t, const at::Tensor& w,
   const auto segs = make_segments(g);
   const int64_t elt = sizeof(T), grain = position_grain(g);
   const int64_t per_pos = g.depthwise ? 2 * g.C * elt : (g.row_len() + g.O) * elt;
-  const auto chunks = plan_chunks(g, per_pos, chunk_bytes);
+  const auto chunks = plan_chunks(g, per_pos, (g.depthwise ? g.C : g.row_len()) * elt, chunk_bytes);
   const int64_t width = g.depthwise ? g.C : g.row_len();
   at::Tensor buf = at::empty({max_positions(chunks, g), width}, out.options());
   at::Tensor wp;
@@ -324,7 +360,7 @@ void forward_impl(const Geometry& g, const Tensors<T>& t, const at::Tensor& w,
   T* bp = buf.data_ptr<T>();
   for (const Chunk& ch : chunks) {
     const Ctx<T> c = make_ctx(g, segs, t, ch);
-    at::parallel_for(0, ch.positions(g), grain, [&](int64_t b, int64_t e) {
+    parallel_blocks(ch.positions(g), grain, [&](int64_t b, int64_t e) {
       if (g.depthwise)
         depthwise_rows_isa<T>(c, b, e, bp);
       else
@@ -403,7 +439,7 @@ void gradients_from_columns(const Geometry& g, const Ctx<T>& c, const Grad& gr,
   if (need.offsets() && !fused_offsets) {
     const OffsetGrads<T> og = out.ptrs();
     T* no_rows = nullptr;
-    at::parallel_for(0, P, position_grain(g), [&](int64_t b, int64_t e) {
+    parallel_blocks(P, position_grain(g), [&](int64_t b, int64_t e) {
       offset_grad_rows_isa<T>(c, gr, og, b, e, no_rows);
     });
   }
@@ -413,7 +449,7 @@ void gradients_from_columns(const Geometry& g, const Ctx<T>& c, const Grad& gr,
     const int64_t lo = std::max<int64_t>(0, c.y0 * g.sh - g.ph);
     const int64_t hi = std::min<int64_t>(g.H, (c.y0 + c.rows - 1) * g.sh - g.ph + (g.Kh - 1) * g.dh + 1);
     if (hi <= lo) return;
-    at::parallel_for(0, c.nc * (hi - lo), 1, [&](int64_t b, int64_t e) {
+    parallel_blocks(c.nc * (hi - lo), 1, [&](int64_t b, int64_t e) {
       input_grad_gather_isa<T>(c, gr, lo, hi, b, e, gin);
     });
   } else {
@@ -422,7 +458,7 @@ void gradients_from_columns(const Geometry& g, const Ctx<T>& c, const Grad& gr,
     int64_t tile = g.C;
     while (tile > 16 && c.nc * ((g.C + tile - 1) / tile) < at::get_num_threads()) tile = (tile + 1) / 2;
     const int64_t tasks = c.nc * ((g.C + tile - 1) / tile);
-    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    parallel_blocks(tasks, 1, [&](int64_t b, int64_t e) {
       input_grad_scatter_isa<T>(c, gr, tile, b, e, gin);
     });
   }
@@ -434,7 +470,7 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
                             Grads<T>& out) {
   const auto segs = make_segments(g);
   const int64_t elt = sizeof(T), L = g.row_len();
-  const auto chunks = plan_chunks(g, (2 * L + 2 * g.O) * elt, chunk_bytes);
+  const auto chunks = plan_chunks(g, (2 * L + 2 * g.O) * elt, L * elt, chunk_bytes);
   const at::Tensor wp =
       w.reshape({g.O, g.Cg, g.S2}).permute({0, 2, 1}).reshape({g.O, g.S2 * g.Cg, 1, 1}).contiguous();
   at::Tensor col = at::empty({max_positions(chunks, g), L}, grad_out.options());
@@ -452,7 +488,7 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
     if (need.weight || need.offsets()) {
       const OffsetGrads<T> og = out.ptrs();
       T* rows = need.weight ? col.data_ptr<T>() : nullptr;
-      at::parallel_for(0, P, position_grain(g), [&](int64_t b, int64_t e) {
+      parallel_blocks(P, position_grain(g), [&](int64_t b, int64_t e) {
         offset_grad_rows_isa<T>(c, gr, og, b, e, rows);
       });
     }
@@ -473,7 +509,7 @@ void depthwise_weight_chunk(const Ctx<T>& c, const T* gout, at::Tensor& acc) {
   const int64_t per = (P + nblocks - 1) / nblocks;
   at::Tensor part = at::zeros({nblocks, g.S2, g.C}, acc.options());
   T* pp = part.data_ptr<T>();
-  at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
+  parallel_blocks(nblocks, 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k)
       depthwise_weight_grad_isa<T>(c, gout, k * per, std::min(P, (k + 1) * per),
                                    pp + k * g.S2 * g.C);
@@ -485,7 +521,8 @@ template <typename T>
 at::Tensor backward_depthwise(const Geometry& g, const Tensors<T>& t, const at::Tensor& grad_out,
                               int64_t chunk_bytes, const Needs& need, Grads<T>& out) {
   const auto segs = make_segments(g);
-  const auto chunks = plan_chunks(g, 2 * g.C * static_cast<int64_t>(sizeof(T)), chunk_bytes);
+  const int64_t elt = sizeof(T);
+  const auto chunks = plan_chunks(g, 2 * g.C * elt, g.C * elt, chunk_bytes);
   at::Tensor gwt = need.weight ? at::zeros({g.S2, g.C}, grad_out.options()) : at::Tensor();
   const std::vector<T> zeros(g.C, T(0));
   for (const Chunk& ch : chunks) {
