@@ -23,6 +23,22 @@ def rigid_scope_positions(kernel_size: int, scope_size: int) -> np.ndarray:
     return np.stack([a.ravel() + pad, b.ravel() + pad], axis=1)
 
 
+def _frame(ax, h: int, w: int, pts, label: str) -> None:
+    """Axis limits covering an h x w grid and every point; the grid's edge outlined."""
+    from matplotlib.patches import Rectangle
+    y0, x0, y1, x1 = -0.5, -0.5, h - 0.5, w - 0.5
+    if pts is not None:
+        p = np.asarray(pts, dtype=float).reshape(-1, 2)
+        y0, x0 = min(y0, p[:, 0].min() - 0.5), min(x0, p[:, 1].min() - 0.5)
+        y1, x1 = max(y1, p[:, 0].max() + 0.5), max(x1, p[:, 1].max() + 0.5)
+    ax.add_patch(Rectangle((-0.5, -0.5), w, h, fill=False, edgecolor="black", linewidth=1.2,
+                           linestyle="--", label=label, zorder=2))
+    pad = 0.04 * max(y1 - y0, x1 - x0)  # keeps the dashed edge off the axes frame
+    ax.set_xlim(x0 - pad, x1 + pad)
+    ax.set_ylim(y1 + pad, y0 - pad)
+    ax.set_aspect("equal")
+
+
 def sampling_figure(rows: Sequence[Mapping], *, title: str = ""):
     """One row per object. Each row mapping holds "label" and any of:
       "image", "centre" (y, x), "box", "dc_points" (P, 2) image (y, x) points DC reads;
@@ -63,14 +79,14 @@ def sampling_figure(rows: Sequence[Mapping], *, title: str = ""):
                         markeredgewidth=1.5, markerfacecolor="none", markeredgecolor=MARK_COLOR,
                         linestyle="none", label="object centre")
             if img is not None:
-                # Points outside the image read zero padding; keep the frame on the image.
-                ax.set_xlim(-0.5, img.shape[1] - 0.5)
-                ax.set_ylim(img.shape[0] - 0.5, -0.5)
+                # Points outside the image read zero padding: widen the view to show
+                # them, and outline the image so the padding reads as such.
+                h_, w_ = img.shape[:2]
+                _frame(ax, h_, w_, pts, "image edge")
             ax.set_ylabel(f"{row['label']}\ny (px)", fontsize=9)
             ax.set_xlabel("x (px)")
             if r == 0:
                 ax.set_title("deformable conv: where the data is sampled", fontsize=9)
-            ax.legend(fontsize=6, loc="lower right", framealpha=0.8)
         if has_dk:
             ax = axes[r][c]
             k = int(row.get("kernel_size", 3))
@@ -94,14 +110,22 @@ def sampling_figure(rows: Sequence[Mapping], *, title: str = ""):
                            linewidths=0.5, label="DK samples", zorder=4)
                 for (y0, x0), (y1, x1) in zip(rig, p):
                     ax.plot([x0, x1], [y0, y1], color=DK_COLOR, linewidth=0.8, zorder=3)
-            ax.set_xlim(-0.5, size - 0.5)
-            ax.set_ylim(size - 0.5, -0.5)
+            # Samples can leave the scope (they then read zero weight): show them all,
+            # with the scope's edge drawn.
+            _frame(ax, size, size, pts, "scope edge (zero weight outside)")
             ax.set_xlabel("scope column")
             ax.set_ylabel("scope row" if has_dc else f"{row['label']}\nscope row", fontsize=9)
             if r == 0:
                 ax.set_title(f"deformable kernel: samples in its {size}x{size} scope",
                              fontsize=9)
-            ax.legend(fontsize=6, loc="lower right", framealpha=0.8)
+    # One legend for all panels, below them: inside, it would hide sampling points.
+    handles, labels = [], []
+    for ax in axes.ravel():
+        for hd, lb in zip(*ax.get_legend_handles_labels()):
+            if lb not in labels:
+                handles.append(hd)
+                labels.append(lb)
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=7)
     if has_dk and scope_norm is not None:
         fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap=KERNEL_CMAP),
                      ax=axes[:, -1].tolist(), shrink=0.8, label="|scope weight| / peak")
