@@ -49,9 +49,9 @@ def test_grid_marks_all_zero_maps_and_logs():
 
 
 def test_grid_wraps_rows_and_hides_spare_axes():
-    maps = {f"m{i}": gauss() for i in range(5)}
+    maps = {f"m{i}": gauss() for i in range(6)}
     fig = P.comparison_grid(maps)
-    assert sum(1 for a in fig.axes if a.images) == 5
+    assert sum(1 for a in fig.axes if a.images) == 6
     assert any(not a.get_visible() for a in fig.axes)
 
 

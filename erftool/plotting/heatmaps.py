@@ -18,7 +18,7 @@ BOX_COLOR = "#E69F00"  # orange: object boxes
 MARK_COLOR = "#00E5FF"
 
 
-def _grid_shape(n: int, max_cols: int = 4) -> tuple[int, int]:
+def _grid_shape(n: int, max_cols: int = 5) -> tuple[int, int]:
     cols = min(n, max_cols)
     return math.ceil(n / cols), cols
 
