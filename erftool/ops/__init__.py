@@ -24,15 +24,8 @@ __all__ = [
 
 
 def _backend_arg(backend: Optional[str]) -> str:
-    if backend is None:
-        return ""
-    return _args_backend(backend)
-
-
-def _args_backend(backend: str) -> str:
-    from ._backend import _validated
-
-    return _validated(backend, "backend argument")
+    """The op's string argument: "" defers to use_backend()/ERFTOOL_BACKEND."""
+    return "" if backend is None else requested_backend(backend)
 
 
 def deform_kernel2d(
