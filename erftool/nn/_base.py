@@ -8,6 +8,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..ops import _args
 from ..errors import ErftoolError
 from ..erf.offsets import offsets_mode, prepare_offsets
 
@@ -15,15 +16,12 @@ Pair = Tuple[int, int]
 
 
 def as_pair(owner: str, name: str, value, minimum: int) -> Pair:
-    """An int or a pair of ints as an (h, w) tuple, or an ErftoolError naming `name`."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise ErftoolError(f"{owner}: {name} must be an int or a pair of ints, got {value!r}")
-    if min(value) < minimum:
-        raise ErftoolError(f"{owner}: {name} must be >= {minimum}, got {value!r}")
-    return int(value[0]), int(value[1])
+    """An int or a pair of ints as an (h, w) tuple, or an ErftoolError naming `name`
+    (the ops' validation, re-raised as the project's error type)."""
+    try:
+        return _args.pair(owner, name, value, minimum)
+    except ValueError as exc:
+        raise ErftoolError(str(exc)) from None
 
 
 def check_channels(owner: str, in_channels: int, out_channels: int, groups: int,
