@@ -90,6 +90,9 @@ CASES = [
     Case("dc", "dc", data_groups=1),
     Case("dc-groups-stride", "dc", data_groups=2, groups=2, stride=(2, 2), c_out=6),
     Case("dcv2-mask", "dc", data_groups=2, mask=True, dilation=(2, 1), padding=(2, 1)),
+    # Many channels on a tiny map: global DK takes its im2col + matmul form.
+    Case("dk-global-small-map", "dk", offset="global", groups=2, offset_groups=2, c_in=8,
+         c_out=6, size=(5, 4), stride=(2, 2), dilation=(1, 2), padding=(1, 2)),
 ]
 
 IDS = [c.name for c in CASES]

@@ -77,33 +77,11 @@ class DeformKernel2d(DeformableModule):
 
     def forward(self, x: Tensor, return_offsets: bool = False):
         offset = self._kernel_offsets(x)
-        if offset.dim() == 2 and self.offset_groups == 1:
-            out = self._per_image_conv(x, offset)
-        else:
-            out = ops.deform_kernel2d(
-                x, self.weight, offset, kernel_size=self.kernel_size, bias=self.bias,
-                stride=self.stride, padding=self.padding, dilation=self.dilation,
-                groups=self.groups, offset_groups=self.offset_groups)
+        out = ops.deform_kernel2d(
+            x, self.weight, offset, kernel_size=self.kernel_size, bias=self.bias,
+            stride=self.stride, padding=self.padding, dilation=self.dilation,
+            groups=self.groups, offset_groups=self.offset_groups)
         return self._finish(out, {"kernel": offset}, return_offsets)
-
-    def _per_image_conv(self, x: Tensor, offset: Tensor) -> Tensor:
-        """Global DK as what it is, one resampled K x K kernel per image: resample
-        (a small matmul), then a batched im2col GEMM. Same result as
-        ops.deform_kernel2d with global offsets (tested), several times faster on
-        CPU than the general local-offset path it takes today."""
-        n, g = x.shape[0], self.groups
-        (kh, kw), taps = self.kernel_size, self.kernel_size[0] * self.kernel_size[1]
-        coef = ops.scope_coefficients(offset.view(n, taps, 2), self.kernel_size, self.scope)
-        o, cg = self.weight.shape[:2]
-        kernels = torch.einsum("nks,ocs->nock", coef, self.weight.reshape(o, cg, -1))
-        cols = nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding,
-                                    self.stride)  # (N, C*K*K, L), channel-major
-        out = torch.matmul(kernels.reshape(n, g, o // g, cg * taps),
-                           cols.view(n, g, cg * taps, -1))
-        ho = (x.shape[2] + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) \
-            // self.stride[0] + 1
-        out = out.reshape(n, o, ho, -1)
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _args, _backend, _native, reference
+from . import _args, _backend, _global_kernel, _native, reference
 
 
 def chunk_bytes() -> int:
@@ -43,22 +43,6 @@ def _kind(kernel_offset: Optional[Tensor]) -> str:
 
 
 # ---------------------------------------------------------------- forward
-
-def _global_kernel_conv(input, weight, offset, bias, geom):
-    """Global DK: resample the kernel once per image, then one convolution with
-    per-image kernels (batch folded into the groups)."""
-    n, c, h, w = input.shape
-    kernels = reference.resample_kernel(
-        weight, offset, geom.kernel_size, geom.offset_groups, geom.groups)
-    o = weight.shape[0]
-    out = F.conv2d(
-        input.reshape(1, n * c, h, w), kernels.reshape(n * o, *kernels.shape[2:]),
-        None, geom.stride, geom.padding, geom.dilation, n * geom.groups)
-    out = out.view(n, o, *out.shape[2:])
-    if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
-    return out
-
 
 def _expand_global(kernel_offset, geom):
     if kernel_offset is None or kernel_offset.dim() == 4:
@@ -92,7 +76,7 @@ def _forward(backend, input, weight, kernel_offset, data_offset, mask, bias, geo
         return reference.deform_column_conv(
             input, weight, kernel_offset, _kind(kernel_offset), data_offset, mask, bias, geom)
     if _uses_global_conv(kernel_offset, data_offset, mask):
-        return _global_kernel_conv(input, weight, kernel_offset, bias, geom)
+        return _global_kernel.forward(input, weight, kernel_offset, bias, geom)
     return _native_forward(input, weight, kernel_offset, data_offset, mask, bias, geom)
 
 
@@ -193,34 +177,6 @@ def _native_backward(grad_output, input, weight, kernel_offset, data_offset, mas
     return grads
 
 
-def _global_kernel_backward(grad_output, input, weight, offset, geom, needs):
-    """Global DK backward: one convolution backward with the per-image kernels
-    (no recomputed forward), then the tiny resampling step by autograd."""
-    n, c, h, w = input.shape
-    o = weight.shape[0]
-    with _autograd_reenabled():
-        weight_leaf = weight.detach().requires_grad_(bool(needs[1]))
-        offset_leaf = offset.detach().requires_grad_(bool(needs[2]))
-        kernels = reference.resample_kernel(
-            weight_leaf, offset_leaf, geom.kernel_size, geom.offset_groups, geom.groups)
-    need_kernels = bool(needs[1] or needs[2])
-    grad_input, grad_kernels, _ = torch.ops.aten.convolution_backward(
-        grad_output.reshape(1, n * o, *grad_output.shape[2:]), input.reshape(1, n * c, h, w),
-        kernels.detach().reshape(n * o, *kernels.shape[2:]), None, list(geom.stride),
-        list(geom.padding), list(geom.dilation), False, [0, 0], n * geom.groups,
-        [bool(needs[0]), need_kernels, False])
-    grad_weight = grad_offset = None
-    if need_kernels:
-        wanted = [t for t in (weight_leaf, offset_leaf) if t.requires_grad]
-        with _autograd_reenabled():
-            grads = torch.autograd.grad(kernels, wanted, grad_kernels.view_as(kernels))
-        grads = list(grads)
-        grad_weight = grads.pop(0) if needs[1] else None
-        grad_offset = grads.pop(0) if needs[2] else None
-    grad_input = grad_input.view_as(input) if needs[0] else None
-    return [grad_input, grad_weight, grad_offset, None, None]
-
-
 def _backward(backend, grad_output, input, weight, kernel_offset, data_offset, mask, geom,
               needs):
     """Gradients (input, weight, kernel_offset, data_offset, mask, bias)."""
@@ -237,7 +193,8 @@ def _backward(backend, grad_output, input, weight, kernel_offset, data_offset, m
                 i, w, k, _kind(kernel_offset), d, m, None, geom),
             grad_output, tensors, needs[:5])
     elif _uses_global_conv(kernel_offset, data_offset, mask):
-        grads = _global_kernel_backward(grad_output, input, weight, kernel_offset, geom, needs)
+        grads = _global_kernel.backward(grad_output, input, weight, kernel_offset, geom,
+                                        needs, _autograd_reenabled) + [None, None]
     else:
         grads = _native_backward(grad_output, input, weight, kernel_offset, data_offset, mask,
                                  geom, needs)

@@ -153,13 +153,23 @@ def resample_kernel(weight, offset, kernel_size, offset_groups: int = 1, groups:
     """
     kh, kw = _args.pair("resample_kernel", "kernel_size", kernel_size, 1)
     o, cg, sh, sw = weight.shape
-    n, g = offset.shape[0], offset_groups
-    coef = scope_coefficients(offset.reshape(n, g, kh * kw, 2), (kh, kw), (sh, sw))
-    device = weight.device
-    in_channel = (torch.arange(o, device=device) // (o // groups)).view(o, 1) * cg \
-        + torch.arange(cg, device=device).view(1, cg)
-    group_of = in_channel // (groups * cg // g)  # (C_out, C_in/groups)
-    kernels = torch.einsum("nocks,ocs->nock", coef[:, group_of], weight.reshape(o, cg, sh * sw))
+    n, g, taps = offset.shape[0], offset_groups, kh * kw
+    coef = scope_coefficients(offset.reshape(n, g, taps, 2), (kh, kw), (sh, sw))
+    # One matrix product for every image and offset group at once:
+    # (O*Cg, S) @ (S, N*G*K). Indexing the coefficients per (C_out, C_in) pair
+    # instead would materialise an (N, O, Cg, K, S) tensor, costlier than the
+    # convolution that follows.
+    kernels = weight.reshape(o * cg, sh * sw).mm(coef.reshape(n * g * taps, sh * sw).t())
+    kernels = kernels.view(o * cg, n, g, taps)
+    if g == 1:
+        kernels = kernels[:, :, 0]
+    else:
+        device = weight.device
+        in_channel = (torch.arange(o, device=device) // (o // groups)).view(o, 1) * cg \
+            + torch.arange(cg, device=device).view(1, cg)
+        group_of = (in_channel // (groups * cg // g)).view(o * cg, 1, 1, 1)
+        kernels = kernels.gather(2, group_of.expand(o * cg, n, 1, taps))[:, :, 0]
+    kernels = kernels.permute(1, 0, 2)
     return kernels.reshape(n, o, cg, kh, kw)
 
 
