@@ -251,32 +251,34 @@ at::Tensor gemm_forward(const at::Tensor& col, const at::Tensor& wp, int64_t gro
   return res.view({col.size(0), col.size(1), col.size(2), O}).permute({0, 3, 1, 2});
 }
 
-// Returns (G as (positions, S2*C) contiguous or undefined, grad of wp or undefined).
-std::tuple<at::Tensor, at::Tensor> gemm_backward(const at::Tensor& gout, const at::Tensor& col,
-                                                 const at::Tensor& wp, int64_t groups,
-                                                 bool need_g, bool need_w) {
-  const int64_t P = col.size(0) * col.size(1) * col.size(2), L = col.size(3);
-  if (gemm_by_conv(col.scalar_type())) {
-    auto res = at::convolution_backward(
-        gout.contiguous(at::MemoryFormat::ChannelsLast), col.permute({0, 3, 1, 2}), wp,
-        c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, groups, {need_g, need_w, false});
-    at::Tensor g = std::get<0>(res);
-    if (g.defined()) g = g.permute({0, 2, 3, 1}).contiguous().view({P, L});
-    return {g, std::get<1>(res)};
-  }
+// G = grad_out W, (positions, S2*Cg*groups): at::mm, which runs ~1.7x faster than
+// oneDNN's 1x1 convolution backward-data on these shapes (measured, fp32).
+// gout: (nc, O, rows, Wo) channels-last; wp: (O, S2*Cg, 1, 1).
+at::Tensor gemm_column_grad(const at::Tensor& gout, const at::Tensor& wp, int64_t groups) {
   const int64_t O = wp.size(0), k = wp.size(1), Og = O / groups;
-  const at::Tensor gm = gout.permute({0, 2, 3, 1}).reshape({P, O});
-  const at::Tensor colm = col.reshape({P, L}), w2 = wp.view({O, k});
-  std::vector<at::Tensor> gs, ws;
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    const at::Tensor go = gm.narrow(1, gi * Og, Og);
-    if (need_g) gs.push_back(at::mm(go, w2.narrow(0, gi * Og, Og)));
-    if (need_w) ws.push_back(at::mm(go.t(), colm.narrow(1, gi * k, k)));
-  }
-  at::Tensor g, w;
-  if (need_g) g = groups == 1 ? gs[0] : at::cat(gs, 1);
-  if (need_w) w = (groups == 1 ? ws[0] : at::cat(ws, 0)).view({O, k, 1, 1});
-  return {g, w};
+  const at::Tensor gm = gout.permute({0, 2, 3, 1}).reshape({-1, O}), w2 = wp.view({O, k});
+  if (groups == 1) return at::mm(gm, w2);
+  std::vector<at::Tensor> parts;
+  for (int64_t gi = 0; gi < groups; ++gi)
+    parts.push_back(at::mm(gm.narrow(1, gi * Og, Og), w2.narrow(0, gi * Og, Og)));
+  return at::cat(parts, 1);
+}
+
+// grad of wp = grad_out^T col: oneDNN's 1x1 convolution backward-weights in fp32
+// (faster than at::mm here), at::mm per group otherwise.
+at::Tensor gemm_weight_grad(const at::Tensor& gout, const at::Tensor& col, const at::Tensor& wp,
+                            int64_t groups) {
+  if (gemm_by_conv(col.scalar_type()))
+    return std::get<1>(at::convolution_backward(
+        gout, col.permute({0, 3, 1, 2}), wp, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false,
+        {0, 0}, groups, {false, true, false}));
+  const int64_t O = wp.size(0), k = wp.size(1), Og = O / groups, L = col.size(3);
+  const at::Tensor gm = gout.permute({0, 2, 3, 1}).reshape({-1, O});
+  const at::Tensor colm = col.reshape({-1, L});
+  std::vector<at::Tensor> ws;
+  for (int64_t gi = 0; gi < groups; ++gi)
+    ws.push_back(at::mm(gm.narrow(1, gi * Og, Og).t(), colm.narrow(1, gi * k, k)));
+  return (groups == 1 ? ws[0] : at::cat(ws, 0)).view({O, k, 1, 1});
 }
 
 // ------------------------------------------------------------ chunk contexts
@@ -475,6 +477,7 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
       w.reshape({g.O, g.Cg, g.S2}).permute({0, 2, 1}).reshape({g.O, g.S2 * g.Cg, 1, 1}).contiguous();
   at::Tensor col = at::empty({max_positions(chunks, g), L}, grad_out.options());
   at::Tensor gwp = need.weight ? at::zeros_like(wp) : at::Tensor();
+  const std::vector<T> zeros(g.Cg, T(0));
   for (const Chunk& ch : chunks) {
     const Ctx<T> c = make_ctx(g, segs, t, ch);
     const int64_t P = ch.positions(g);
@@ -483,8 +486,9 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
     // G = W^T grad_out first: it does not need the columns, so the column
     // rebuild shares one pass with the offset gradients.
     at::Tensor gcol;
-    if (need.any_g()) gcol = std::get<0>(gemm_backward(gout, colv, wp, g.groups, true, false));
-    const DenseGrad<T> gr{need.any_g() ? gcol.data_ptr<T>() : nullptr, L, g.sstride()};
+    if (need.any_g()) gcol = gemm_column_grad(gout, wp, g.groups);
+    const DenseGrad<T> gr{need.any_g() ? gcol.data_ptr<T>() : nullptr, L, g.sstride(),
+                          zeros.data()};
     if (need.weight || need.offsets()) {
       const OffsetGrads<T> og = out.ptrs();
       T* rows = need.weight ? col.data_ptr<T>() : nullptr;
@@ -492,7 +496,7 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
         offset_grad_rows_isa<T>(c, gr, og, b, e, rows);
       });
     }
-    if (need.weight) gwp.add_(std::get<1>(gemm_backward(gout, colv, wp, g.groups, false, true)));
+    if (need.weight) gwp.add_(gemm_weight_grad(gout, colv, wp, g.groups));
     if (need.input) gradients_from_columns(g, c, gr, need, out, true);
   }
   if (!need.weight) return at::Tensor();

@@ -318,18 +318,23 @@ template <typename T>
 struct DenseGrad {
   const T* g;
   int64_t row_len, ss;
+  const T* zeros;  // >= Cg zeros, stands in for absent corners
   // sum_c x[c] * G[p][s][c] over the segment channels [cs, cs + len)
   ERFTOOL_ALWAYS_INLINE T dot_cell(int64_t p, const Segment& sg, int64_t cs, int64_t len,
                                    int64_t s, const T* x) const {
     return dot(len, x, g + p * row_len + sg.colbase + (cs - sg.c0) + s * ss);
   }
-  // dst[c] += scale * sum_j w_j G[p][s_j][c]: the gradient of the tap value.
+  // dst[c] += scale * sum_j w_j G[p][s_j][c]: the gradient of the tap value,
+  // one pass over dst for all four corners.
   ERFTOOL_ALWAYS_INLINE void tap_grad(int64_t p, const Segment& sg, int64_t cs, int64_t len,
                                       const BilinearCorners<T>& k, T scale, T* dst) const {
     const T* row = g + p * row_len + sg.colbase + (cs - sg.c0);
-    for (int j = 0; j < 4; ++j)
-      if (k.index[j] >= 0 && k.weight[j] != T(0))
-        axpy(len, scale * k.weight[j], row + k.index[j] * ss, dst);
+    const CornerRows<T> r = corner_rows(k, row, ss, zeros);
+    const T w0 = scale * r.w[0], w1 = scale * r.w[1], w2 = scale * r.w[2], w3 = scale * r.w[3];
+    const T *__restrict r0 = r.row[0], *__restrict r1 = r.row[1];
+    const T *__restrict r2 = r.row[2], *__restrict r3 = r.row[3];
+    T* __restrict y = dst;
+    for (int64_t i = 0; i < len; ++i) y[i] += w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i];
   }
 };
 
