@@ -1,7 +1,7 @@
 """The erftool command line (console script `erftool`, or `python -m cli`).
 
 Each command validates its arguments, then calls into the erftool package; the work lives
-in erftool.cli_utils* and erftool.plotting so it is testable without the CLI.
+in erftool.commands and erftool.plotting so it is testable without the CLI.
 User mistakes become one "Error: ..." line on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import click
 
 import erftool
-from erftool.cli_utils import USER_ERRORS, CliFailure, Console, user_message
+from erftool.commands.common import USER_ERRORS, CliFailure, Console, user_message
 
 RULES = ("signed", "abs", "relu", "square")
 FORMATS = ("png", "pdf", "svg")
@@ -88,7 +88,7 @@ def compare(checkpoints, images, synthetic, layer, position, object_centres, rul
       erftool compare a.pt b.pt --images photos/ --out cmp --rule relu
       erftool compare --synthetic 32 --object-centres --layer layer2
     """
-    from erftool.cli_utils_compare import CompareRequest, run_compare
+    from erftool.commands.compare import CompareRequest, run_compare
     if images and synthetic:
         raise CliFailure("give either --images or --synthetic, not both")
     if position and object_centres:
@@ -126,7 +126,7 @@ def heatmap(checkpoint, image, layer, position, rule, arch, out, fmt, device, qu
       erftool heatmap model.pt --image cat.png --position 4,4 --out cat-erf.png
       erftool heatmap model.pt --image synthetic:3
     """
-    from erftool.cli_utils_heatmap import run_heatmap
+    from erftool.commands.heatmap import run_heatmap
     path = run_heatmap(checkpoint=checkpoint, image=image, layer=layer, position=position,
                        rule=rule, arch=arch, out=out, fmt=fmt, device=device,
                        console=Console(quiet))
@@ -151,7 +151,7 @@ def verify(as_json, quick, backend, quiet):
       erftool verify --quick
       erftool verify --json > verify.json
     """
-    from erftool.cli_utils_verify import format_table, run_checks
+    from erftool.commands.verify import format_table, run_checks
     rows = run_checks(Console(quiet), quick=quick, backend=backend)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -185,7 +185,7 @@ def figures(out, fmt, only, bench_json, seed, quiet):
     Example:
       erftool figures --out figures/ --only erf_growth
     """
-    from erftool.cli_utils_figures import FIGURES, run_figures
+    from erftool.commands.figures import FIGURES, run_figures
     unknown = [n for n in only if n not in FIGURES]
     if unknown:
         raise CliFailure(f"unknown figure {unknown[0]!r}; choose from {', '.join(FIGURES)}")
@@ -219,7 +219,7 @@ def train(arch, out, epochs, seed, train_size, val_size, resume, overwrite, devi
     Example:
       erftool train resnet-tiny-dk-local --out dk.pt --epochs 6
     """
-    from erftool.cli_utils_train import run_train
+    from erftool.commands.train import run_train
     path = run_train(arch=arch, out=out, epochs=epochs, seed=seed, device=device,
                      console=Console(quiet), resume=resume, overwrite=overwrite,
                      train_size=train_size, val_size=val_size)
@@ -235,7 +235,7 @@ def bench(bench_args):
     Example:
       erftool bench --help
     """
-    from erftool.cli_utils_figures import run_bench
+    from erftool.commands.figures import run_bench
     sys.exit(run_bench(list(bench_args)))
 
 
@@ -248,7 +248,7 @@ def doctor(as_json):
     Example:
       ERFTOOL_BACKEND=reference erftool doctor
     """
-    from erftool.cli_utils_verify import doctor_info
+    from erftool.commands.verify import doctor_info
     info = doctor_info()
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
@@ -267,7 +267,7 @@ def models(as_json):
     Example:
       erftool models
     """
-    from erftool.cli_utils_verify import zoo_rows
+    from erftool.commands.verify import zoo_rows
     rows = zoo_rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))

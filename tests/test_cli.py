@@ -13,8 +13,10 @@ from click.testing import CliRunner
 from torch import nn
 
 import cli
-from erftool import cli_utils_compare, cli_utils_heatmap, cli_utils_models
-from erftool.cli_utils_models import Inputs
+from erftool.commands import compare as commands_compare
+from erftool.commands import heatmap as commands_heatmap
+from erftool.commands import models as commands_models
+from erftool.commands.models import Inputs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,7 +57,7 @@ def stubbed(monkeypatch, tmp_path):
         if p.read_text() == "unknown-arch":
             raise ValueError(f"checkpoint {p}: unknown architecture 'nope'")
         return TinyNet(seed=len(p.stem)).eval()
-    for mod in (cli_utils_compare, cli_utils_heatmap):
+    for mod in (commands_compare, commands_heatmap):
         monkeypatch.setattr(mod, "load_model", load)
         monkeypatch.setattr(mod, "synthetic_inputs", _fake_inputs)
     ckpts = []
@@ -209,7 +211,7 @@ def test_every_command_has_help_with_example():
 
 
 def test_verify_rows_and_exit_code(monkeypatch):
-    from erftool import cli_utils_verify as v
+    from erftool.commands import verify as v
     rows = [{"name": "ones", "formula": "(1+z+z^2)^n", "max_error": 0.0, "tolerance": 1e-12,
              "passed": True}]
     monkeypatch.setattr(v, "_suite", lambda: (lambda **kw: rows))
@@ -229,7 +231,7 @@ def test_verify_real_suite_as_subprocess():
 
 
 def test_staged_output_leaves_nothing_on_failure(tmp_path):
-    from erftool.cli_utils import staged_output
+    from erftool.commands.common import staged_output
     with pytest.raises(RuntimeError):
         with staged_output(tmp_path / "x") as tmp:
             (tmp / "half.png").write_text("x")
@@ -238,20 +240,20 @@ def test_staged_output_leaves_nothing_on_failure(tmp_path):
 
 
 def test_unique_names_and_bundled_order(tmp_path):
-    assert cli_utils_models.unique_names([Path("a/m.pt"), Path("b/m.pt")]) == ["m", "m-2"]
+    assert commands_models.unique_names([Path("a/m.pt"), Path("b/m.pt")]) == ["m", "m-2"]
     keys = sorted([Path("dk.pt"), Path("rigid.pt"), Path("dk_dc.pt"), Path("dc.pt")],
-                  key=cli_utils_models._paper_key)
+                  key=commands_models._paper_key)
     assert [k.stem for k in keys] == ["rigid", "dc", "dk", "dk_dc"]
     keys = sorted([Path(f"resnet-tiny-{op}.pt") for op in
                    ("dk+dc", "dk-global", "dk-local", "dc", "rigid")],
-                  key=cli_utils_models._paper_key)
+                  key=commands_models._paper_key)
     assert [k.stem[12:] for k in keys] == ["rigid", "dc", "dk-local", "dk-global", "dk+dc"]
 
 
 def test_recentre_moves_probe_to_centre():
     m = np.zeros((9, 9))
     m[1, 7] = 1
-    r = cli_utils_compare.recentre(m, (1, 7))
+    r = commands_compare.recentre(m, (1, 7))
     assert r[4, 4] == 1 and r.sum() == 1
 
 
@@ -295,7 +297,7 @@ def _fake_bench(tmp_path):
 
 
 def test_speed_panels_reads_both_benchmark_layouts(tmp_path):
-    from erftool.cli_utils_figures import speed_panels
+    from erftool.commands.figures import speed_panels
     panels, device = speed_panels(json.loads(_fake_bench(tmp_path).read_text()))
     assert set(panels) == {"forward", "forward + backward"}
     assert panels["forward"]["56x56_c64"] == {"conv3x3": 1.0, "dk_s4": 2.0}  # no reference
@@ -311,9 +313,9 @@ def test_speed_panels_reads_both_benchmark_layouts(tmp_path):
 
 
 def test_figures_speed_and_growth(tmp_path, monkeypatch):
-    from erftool import cli_utils_figures
-    monkeypatch.setattr(cli_utils_figures, "GROWTH_DEPTHS", (1, 2, 4))
-    monkeypatch.setattr(cli_utils_figures, "GROWTH_DRAWS", 2)
+    from erftool.commands import figures as commands_figures
+    monkeypatch.setattr(commands_figures, "GROWTH_DEPTHS", (1, 2, 4))
+    monkeypatch.setattr(commands_figures, "GROWTH_DRAWS", 2)
     out = tmp_path / "figs"
     res = invoke("figures", "--out", str(out), "--only", "op_speed", "--only", "erf_growth",
                  "--bench-json", str(_fake_bench(tmp_path)), "-q")
@@ -322,21 +324,21 @@ def test_figures_speed_and_growth(tmp_path, monkeypatch):
 
 
 def test_figures_bad_input_exit_2(tmp_path, monkeypatch):
-    from erftool import cli_utils_models
+    from erftool.commands import models as commands_models
     out = tmp_path / "figs"
     res = CliRunner().invoke(cli.main, ["figures", "--only", "nope", "--out", str(out)])
     assert res.exit_code == 2 and "unknown figure" in res.output
     res = CliRunner().invoke(cli.main, ["figures", "--only", "op_speed", "--bench-json",
                                         str(tmp_path / "missing.json"), "--out", str(out)])
     assert res.exit_code == 2 and "No benchmark results" in res.output
-    monkeypatch.setattr(cli_utils_models, "bundled_dir", lambda: tmp_path / "none")
+    monkeypatch.setattr(commands_models, "bundled_dir", lambda: tmp_path / "none")
     res = CliRunner().invoke(cli.main, ["figures", "--only", "erf_comparison", "--out", str(out)])
     assert res.exit_code == 2 and "no bundled checkpoints" in res.output
     assert not out.exists()
 
 
 def test_paper_figures_on_tiny_zoo_models(tmp_path, monkeypatch):
-    from erftool import cli_utils_paper
+    from erftool.commands import paper as commands_paper
     from erftool.models import create_model
     models = []
     for op in ("rigid", "dc", "dk-local", "dk+dc"):
@@ -349,14 +351,14 @@ def test_paper_figures_on_tiny_zoo_models(tmp_path, monkeypatch):
                     if isinstance(g, nn.Conv2d):
                         g.weight.normal_(0, 0.05)
         models.append((op, m))
-    monkeypatch.setattr(cli_utils_paper, "_models", lambda: models)
-    monkeypatch.setattr(cli_utils_paper, "SCALE_IMAGES", 4)
+    monkeypatch.setattr(commands_paper, "_models", lambda: models)
+    monkeypatch.setattr(commands_paper, "SCALE_IMAGES", 4)
     out = tmp_path / "figs"
     res = invoke("figures", "--out", str(out), "--only", "erf_comparison", "--only",
                  "kernel_sampling", "--only", "erf_vs_scale", "-q")
     assert res.exit_code == 0, res.output
     assert len(list(out.glob("*.png"))) == 3
-    fig = cli_utils_paper.figure_sampling(0)
+    fig = commands_paper.figure_sampling(0)
     titles = [a.get_title() for a in fig.axes if a.get_title()]
     assert any("deformable conv" in t for t in titles)
     assert any("deformable kernel" in t for t in titles)

@@ -226,20 +226,24 @@ int64_t max_positions(const std::vector<Chunk>& chunks, const Geometry& g) {
 }
 
 // ------------------------------------------------------------ GEMM
-// oneDNN's 1x1 convolution over channels-last column rows runs ~3x faster
-// than at::mm on fp32 here; fp64 has no oneDNN kernel, so it uses at::mm.
+// Forward: oneDNN's 1x1 convolution over channels-last column rows, in fp32,
+// for rows of up to 2304 values per weight group: there it runs 1.0-1.35x
+// faster than at::mm. Above that it can fall off a cliff (3x slower than
+// at::mm for 256 outputs x 3072 or 4096 inputs, measured on a 2-core EPYC),
+// so long rows use at::mm; so does fp64, which has no oneDNN kernel.
 // ERFTOOL_CPU_GEMM=mm|conv overrides (for measurements).
+constexpr int64_t kLongestConvRow = 2304;
 
-bool gemm_by_conv(at::ScalarType dtype) {
+bool gemm_by_conv(at::ScalarType dtype, int64_t row_len_per_group) {
   const char* env = std::getenv("ERFTOOL_CPU_GEMM");
   if (env && std::strcmp(env, "mm") == 0) return false;
   if (env && std::strcmp(env, "conv") == 0) return true;
-  return dtype == at::kFloat;
+  return dtype == at::kFloat && row_len_per_group <= kLongestConvRow;
 }
 
 // col: (nc, rows, Wo, S2*C) rows; wp: (O, S2*Cg, 1, 1). Returns (nc, O, rows, Wo).
 at::Tensor gemm_forward(const at::Tensor& col, const at::Tensor& wp, int64_t groups) {
-  if (gemm_by_conv(col.scalar_type()))
+  if (gemm_by_conv(col.scalar_type(), wp.size(1)))
     return at::convolution(col.permute({0, 3, 1, 2}), wp, c10::nullopt, {1, 1}, {0, 0}, {1, 1},
                            false, {0, 0}, groups);
   const int64_t O = wp.size(0), k = wp.size(1);

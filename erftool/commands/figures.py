@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from erftool import plotting
-from erftool.cli_utils import Console, staged_output, user_message
-from erftool.cli_utils_models import require
+from erftool.commands.common import Console, staged_output, user_message
+from erftool.commands.models import require
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BENCH_SCRIPT = REPO / "benchmarks" / "bench_ops.py"
 BENCH_RESULTS = REPO / "benchmarks" / "results"
 
@@ -168,7 +168,7 @@ def _baseline(panels) -> str:
 # ---------------------------------------------------------------- driver
 
 def _builders():
-    from erftool import cli_utils_paper as paper
+    from erftool.commands import paper as paper
     return {
         "erf_comparison": lambda ctx: paper.figure_comparison(ctx["seed"]),
         "kernel_sampling": lambda ctx: paper.figure_sampling(ctx["seed"]),

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from erftool.cli_utils import Console, resolve_device
-from erftool.cli_utils_models import require
+from erftool.commands.common import Console, resolve_device
+from erftool.commands.models import require
 
 
 def run_train(*, arch, out, epochs, seed, device, console: Console, resume=False,

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from erftool import plotting
-from erftool.cli_utils import Console, parse_position, resolve_device, staged_output
-from erftool.cli_utils_models import (Inputs, bundled_checkpoints, folder_inputs,
+from erftool.commands.common import Console, parse_position, resolve_device, staged_output
+from erftool.commands.models import (Inputs, bundled_checkpoints, folder_inputs,
                                       in_channels, load_model, preprocessing, require,
                                       unique_names)
 
@@ -49,7 +49,7 @@ class ModelERF:
 # ---------------------------------------------------------------- inputs
 
 def synthetic_inputs(n: int, seed: int, channels: int) -> Inputs:
-    from erftool.cli_utils_data import synthetic_batch
+    from erftool.commands.data import synthetic_batch
     return synthetic_batch(n, seed, channels)
 
 

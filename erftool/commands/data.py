@@ -2,7 +2,7 @@
 object's exact centre, box and scale kept for probing and for the figures."""
 from __future__ import annotations
 
-from erftool.cli_utils_models import Inputs, _to_channels, require
+from erftool.commands.models import Inputs, _to_channels, require
 
 # The dataset's held-out split: never seen in training or model selection.
 SPLIT = "test"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from erftool.cli_utils import Console
-from erftool.cli_utils_models import require
+from erftool.commands.common import Console
+from erftool.commands.models import require
 
 VERIFY_COLUMNS = ("check", "formula", "max_error", "tolerance", "verdict")
 

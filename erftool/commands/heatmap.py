@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from erftool import plotting
-from erftool.cli_utils import Console, parse_position, resolve_device
-from erftool.cli_utils_compare import (_exclusive, nearest_cells, probe_marker,
+from erftool.commands.common import Console, parse_position, resolve_device
+from erftool.commands.compare import (_exclusive, nearest_cells, probe_marker,
                                        synthetic_inputs)
-from erftool.cli_utils_models import file_inputs, in_channels, load_model, preprocessing, require
+from erftool.commands.models import file_inputs, in_channels, load_model, preprocessing, require
 
 
 def run_heatmap(*, checkpoint, image, layer, position, rule, arch, out, fmt, device,

@@ -25,7 +25,7 @@ def require(module: str):
 
 
 def bundled_dir() -> Path:
-    return Path(__file__).resolve().parent / "checkpoints"
+    return Path(__file__).resolve().parents[1] / "checkpoints"
 
 
 def _paper_key(p: Path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from erftool import plotting
-from erftool.cli_utils_models import bundled_checkpoints, in_channels, load_model, require
+from erftool.commands.models import bundled_checkpoints, in_channels, load_model, require
 
 RULE = "abs"
 SCALE_IMAGES = 48   # synthetic images measured for the ERF-size-vs-scale figure
@@ -33,7 +33,7 @@ def _load_all(paths: tuple):
 
 @functools.lru_cache(maxsize=4)
 def _scene_data(n: int, seed: int, channels: int):
-    from erftool.cli_utils_data import synthetic_batch
+    from erftool.commands.data import synthetic_batch
     return synthetic_batch(n, seed, channels)
 
 
@@ -50,7 +50,7 @@ def _objects(inputs):
 def _erf_at(model, image, centre, *, per_image=False):
     """ERF(s) of the unit(s) at object centre(s): the layer unit whose RF is centred
     nearest each centre."""
-    from erftool.cli_utils_compare import nearest_cells
+    from erftool.commands.compare import nearest_cells
     erf = require("erftool.erf")
     x = image[None] if image.dim() == 3 else image
     centres = [centre] if not per_image else centre
