@@ -55,20 +55,28 @@ def _resample(weight: Tensor, coef: Tensor, rows: Optional[Tensor]) -> Tensor:
     return every.gather(1, rows.view(1, 1, 1, -1).expand(n, 1, taps, -1))[:, 0]
 
 
+def _spread_to_groups(grad_kernels: Tensor, coef: Tensor, rows: Optional[Tensor]):
+    """grad_kernels (B, M) of kernels drawn from coef (B, G, S) -> the
+    gradient of every group's candidate kernels (B*G, M), zero where a row
+    belongs to another group, beside coef as (B*G, S)."""
+    b, g, s2 = coef.shape
+    if rows is not None:
+        grad_kernels = grad_kernels.new_zeros(b, g, grad_kernels.shape[-1]).scatter_(
+            1, rows.view(1, 1, -1).expand(b, 1, -1), grad_kernels.unsqueeze(1))
+    return grad_kernels.reshape(b * g, -1), coef.reshape(b * g, s2)
+
+
 def _resample_backward(grad_kt: Tensor, weight: Tensor, coef: Tensor, rows: Optional[Tensor],
                        need_weight: bool, need_coef: bool) -> Tuple[Optional[Tensor], ...]:
+    """Gradients (weight, coef) of _resample from that of its output (N, K, M)."""
     n, g, taps, s2 = coef.shape
-    if rows is None:
-        grad_every = grad_kt.reshape(n * taps, -1)
-    else:
-        grad_every = grad_kt.new_zeros(n, g, taps, grad_kt.shape[-1]).scatter_(
-            1, rows.view(1, 1, 1, -1).expand(n, 1, taps, -1), grad_kt.unsqueeze(1))
-        grad_every = grad_every.view(n * g * taps, -1)
+    grad_every, flat_coef = _spread_to_groups(
+        grad_kt.reshape(n * taps, -1), coef.transpose(1, 2).reshape(n * taps, g, s2), rows)
     grad_weight = grad_coef = None
     if need_weight:
-        grad_weight = grad_every.t().mm(coef.reshape(n * g * taps, s2)).view_as(weight)
+        grad_weight = grad_every.t().mm(flat_coef).view_as(weight)
     if need_coef:
-        grad_coef = grad_every.mm(weight.reshape(-1, s2)).view_as(coef)
+        grad_coef = grad_every.mm(weight.reshape(-1, s2)).view(n, taps, g, s2).transpose(1, 2)
     return grad_weight, grad_coef
 
 
@@ -85,30 +93,54 @@ def _conv_kernels(kt: Tensor, o: int, geom: _args.Geometry) -> Tensor:
         n * o, -1, *geom.kernel_size)
 
 
-def _tap_views(kt: Tensor, cols: Tensor, o: int, geom: _args.Geometry):
-    """kt (N, K, groups, O/groups, Cg) and cols (N, groups, Cg, K, L) views."""
-    n, gr = kt.shape[0], geom.groups
-    return (kt.view(n, geom.taps, gr, o // gr, -1),
-            cols.view(n, gr, -1, geom.taps, cols.shape[-1]))
+def _tap_windows(input: Tensor, geom: _args.Geometry):
+    """(tap, slicer) pairs: slicer(t) is the window of the padded tensor t that
+    tap k reads for every output position, (N, C, H_out, W_out), strided."""
+    (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
+    ho, wo = geom.out_size
+    for a in range(kh):
+        for b in range(kw):
+            rows = slice(a * dh, a * dh + sh * (ho - 1) + 1, sh)
+            cols = slice(b * dw, b * dw + sw * (wo - 1) + 1, sw)
+            yield a * kw + b, (lambda t, r=rows, c=cols: t[:, :, r, c])
 
 
-def _unfold(input: Tensor, geom: _args.Geometry) -> Tensor:
-    return F.unfold(input, geom.kernel_size, geom.dilation, geom.padding, geom.stride)
+def _padded(input: Tensor, geom: _args.Geometry) -> Tensor:
+    ph, pw = geom.padding
+    return F.pad(input, (pw, pw, ph, ph))
+
+
+def _tap_kernels(weight: Tensor, coef: Tensor, rows: Optional[Tensor], k: int,
+                 geom: _args.Geometry) -> Tensor:
+    """Tap k's per-image kernels as (N, groups, C_out/groups, C_in/groups)."""
+    n, o, gr = coef.shape[0], weight.shape[0], geom.groups
+    return _resample(weight, coef[:, :, k:k + 1], rows).view(n, gr, o // gr, -1)
+
+
+def _tapwise_forward(input, weight, coef, rows, geom):
+    """sum over taps of (per-image tap kernel) @ (input window): no im2col
+    buffer and no full per-image kernel tensor."""
+    n, o, gr = input.shape[0], weight.shape[0], geom.groups
+    xp = _padded(input, geom)
+    out = input.new_zeros(n, gr, o // gr, geom.out_size[0] * geom.out_size[1])
+    for k, window in _tap_windows(input, geom):
+        kernels = _tap_kernels(weight, coef, rows, k, geom)
+        values = window(xp).reshape(n, gr, -1, out.shape[-1])
+        for gi in range(gr):
+            out[:, gi].baddbmm_(kernels[:, gi], values[:, gi])
+    return out
 
 
 def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor],
             geom: _args.Geometry) -> Tensor:
     n, c, h, w = input.shape
     o = weight.shape[0]
-    kt = _resample(weight, _coefficients(offset, weight, geom), _row_groups(weight, geom))
+    coef, rows = _coefficients(offset, weight, geom), _row_groups(weight, geom)
     if _kernels_outweigh_image(weight.shape[1], geom):
-        kv, cv = _tap_views(kt, _unfold(input, geom), o, geom)
-        out = input.new_zeros(n, geom.groups, o // geom.groups, cv.shape[-1])
-        for k in range(geom.taps):
-            for gi in range(geom.groups):
-                out[:, gi].baddbmm_(kv[:, k, gi], cv[:, gi, :, k])
+        out = _tapwise_forward(input, weight, coef, rows, geom)
     else:
-        out = F.conv2d(input.reshape(1, n * c, h, w), _conv_kernels(kt, o, geom), None,
+        out = F.conv2d(input.reshape(1, n * c, h, w),
+                       _conv_kernels(_resample(weight, coef, rows), o, geom), None,
                        geom.stride, geom.padding, geom.dilation, n * geom.groups)
     out = out.reshape(n, o, *geom.out_size)
     if bias is not None:
@@ -116,40 +148,60 @@ def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor
     return out
 
 
-def _per_image_backward(grad_output, input, kt, o, geom, need_input, need_kernels):
-    """(grad_input, grad_kt) of the per-image convolution of forward()."""
+def _tapwise_backward(grad_output, input, weight, coef, rows, geom, needs):
+    """(grad_input, grad_weight, grad_coef) of _tapwise_forward, tap by tap."""
+    need_input, need_weight, need_coef = needs
     n, c, h, w = input.shape
-    if _kernels_outweigh_image(kt.shape[-1] // o, geom):
-        grads = grad_output.reshape(n, geom.groups, o // geom.groups, -1)
-        cols = _unfold(input, geom)
-        kv, cv = _tap_views(kt, cols, o, geom)
-        grad_input = grad_kt = None
+    o, gr = weight.shape[0], geom.groups
+    grads = grad_output.reshape(n, gr, o // gr, -1)
+    xp = _padded(input, geom)
+    grad_xp = torch.zeros_like(xp) if need_input else None
+    s2 = coef.shape[-1]
+    # grad of the scope weight, accumulated in place as (S, M) over the taps
+    grad_weight_t = weight.new_zeros(s2, weight.numel() // s2) if need_weight else None
+    grad_coef = torch.zeros_like(coef) if need_coef else None
+    for k, window in _tap_windows(input, geom):
+        kernels = _tap_kernels(weight, coef, rows, k, geom)
         if need_input:
-            grad_cols = torch.empty_like(cols)
-            _, gcv = _tap_views(kt, grad_cols, o, geom)
-            for k in range(geom.taps):
-                for gi in range(geom.groups):
-                    gcv[:, gi, :, k].copy_(torch.bmm(kv[:, k, gi].transpose(1, 2), grads[:, gi]))
-            grad_input = F.fold(grad_cols, (h, w), geom.kernel_size, geom.dilation,
-                                geom.padding, geom.stride)
-        if need_kernels:
-            grad_kt = torch.empty_like(kt)
-            gkv, _ = _tap_views(grad_kt, cols, o, geom)
-            for k in range(geom.taps):
-                for gi in range(geom.groups):
-                    gkv[:, k, gi].copy_(torch.bmm(grads[:, gi], cv[:, gi, :, k].transpose(1, 2)))
-        return grad_input, grad_kt
-    kernels = _conv_kernels(kt, o, geom)
+            target = window(grad_xp)
+            for gi in range(gr):
+                part = torch.bmm(kernels[:, gi].transpose(1, 2), grads[:, gi])
+                target[:, gi * c // gr:(gi + 1) * c // gr] += part.view(n, -1, *geom.out_size)
+        if need_weight or need_coef:
+            values = window(xp).reshape(n, gr, c // gr, -1)
+            grad_kernels = torch.stack(
+                [torch.bmm(grads[:, gi], values[:, gi].transpose(1, 2)) for gi in range(gr)], 1)
+            grad_every, tap_coef = _spread_to_groups(grad_kernels.view(n, -1), coef[:, :, k], rows)
+            if need_weight:
+                grad_weight_t.addmm_(tap_coef.t(), grad_every)
+            if need_coef:
+                grad_coef[:, :, k] = grad_every.mm(weight.reshape(-1, s2)).view(n, -1, s2)
+    grad_weight = grad_weight_t.t().reshape(weight.shape) if need_weight else None
+    grad_input = None
+    if need_input:
+        ph, pw = geom.padding
+        grad_input = grad_xp[:, :, ph:ph + h, pw:pw + w].contiguous()
+    return grad_input, grad_weight, grad_coef
+
+
+def _conv_backward(grad_output, input, weight, coef, rows, geom, needs):
+    """(grad_input, grad_weight, grad_coef) of the grouped-convolution form."""
+    need_input, need_weight, need_coef = needs
+    n, c, h, w = input.shape
+    o = weight.shape[0]
+    kt = _resample(weight, coef, rows)
+    need_kernels = need_weight or need_coef
     grad_input, grad_kernels, _ = torch.ops.aten.convolution_backward(
         grad_output.reshape(1, n * o, *grad_output.shape[2:]), input.reshape(1, n * c, h, w),
-        kernels, None, list(geom.stride), list(geom.padding), list(geom.dilation), False,
-        [0, 0], n * geom.groups, [need_input, need_kernels, False])
+        _conv_kernels(kt, o, geom), None, list(geom.stride), list(geom.padding),
+        list(geom.dilation), False, [0, 0], n * geom.groups, [need_input, need_kernels, False])
     grad_input = grad_input.view_as(input) if need_input else None
+    grad_weight = grad_coef = None
     if need_kernels:  # back to tap-major
         grad_kt = grad_kernels.view(n, o, -1, geom.taps).permute(0, 3, 1, 2).reshape(kt.shape)
-    else:
-        grad_kt = None
-    return grad_input, grad_kt
+        grad_weight, grad_coef = _resample_backward(grad_kt, weight, coef, rows, need_weight,
+                                                    need_coef)
+    return grad_input, grad_weight, grad_coef
 
 
 def backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Tensor,
@@ -158,19 +210,17 @@ def backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Tensor,
     that lets autograd record inside a custom-op kernel (for the offset ->
     coefficient step only)."""
     need_input, need_weight, need_offset = (bool(x) for x in needs[:3])
-    o = weight.shape[0]
     with autograd_enabled():
         offset_leaf = offset.detach().requires_grad_(need_offset)
         coef = _coefficients(offset_leaf, weight, geom)
     rows = _row_groups(weight, geom)
-    kt = _resample(weight, coef.detach(), rows)
-    grad_input, grad_kt = _per_image_backward(
-        grad_output, input, kt, o, geom, need_input, need_weight or need_offset)
-    grad_weight = grad_offset = None
-    if need_weight or need_offset:
-        grad_weight, grad_coef = _resample_backward(
-            grad_kt, weight, coef.detach(), rows, need_weight, need_offset)
-        if need_offset:
-            with autograd_enabled():
-                (grad_offset,) = torch.autograd.grad(coef, offset_leaf, grad_coef)
+    form = _tapwise_backward if _kernels_outweigh_image(weight.shape[1], geom) \
+        else _conv_backward
+    grad_input, grad_weight, grad_coef = form(
+        grad_output, input, weight, coef.detach(), rows, geom,
+        (need_input, need_weight, need_offset))
+    grad_offset = None
+    if need_offset:
+        with autograd_enabled():
+            (grad_offset,) = torch.autograd.grad(coef, offset_leaf, grad_coef)
     return [grad_input, grad_weight, grad_offset]
