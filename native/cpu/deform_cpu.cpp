@@ -311,6 +311,22 @@ c10::optional<at::Tensor> contiguous_or_none(const c10::optional<at::Tensor>& t)
   return t->contiguous();
 }
 
+// The layouts the kernels read: channels-last input, contiguous offsets, and
+// the depthwise weight as (S2, C).
+template <typename T>
+Tensors<T> make_tensors(const Geometry& g, const at::Tensor& input, const at::Tensor& w,
+                        const c10::optional<at::Tensor>& koff,
+                        const c10::optional<at::Tensor>& doff,
+                        const c10::optional<at::Tensor>& mask) {
+  Tensors<T> t;
+  t.x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  t.koff = contiguous_or_none(koff);
+  t.doff = contiguous_or_none(doff);
+  t.mask = contiguous_or_none(mask);
+  if (g.depthwise) t.wt = w.reshape({g.C, g.S2}).t().contiguous();
+  return t;
+}
+
 // Positions per parallel block: enough work to amortise the dispatch.
 int64_t position_grain(const Geometry& g) {
   return std::max<int64_t>(4, 65536 / std::max<int64_t>(1, g.K * g.C));
@@ -402,12 +418,7 @@ at::Tensor deform_forward_cpu(const at::Tensor& input_, const at::Tensor& weight
   if (!g.has_koff && !g.has_doff && !g.has_mask)  // a rigid convolution
     return at::convolution(input, w, c10::nullopt, o.stride, o.padding, o.dilation, false, {0, 0}, groups);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "erftool_deform_forward_cpu", [&] {
-    Tensors<scalar_t> t;
-    t.x = input.contiguous(at::MemoryFormat::ChannelsLast);
-    t.koff = contiguous_or_none(koff_);
-    t.doff = contiguous_or_none(doff_);
-    t.mask = contiguous_or_none(mask_);
-    if (g.depthwise) t.wt = w.reshape({g.C, g.S2}).t().contiguous();
+    const auto t = make_tensors<scalar_t>(g, input, w, koff_, doff_, mask_);
     forward_impl<scalar_t>(g, t, w, chunk_bytes, out);
   });
   return out;
@@ -582,12 +593,7 @@ GradTuple deform_backward_cpu(const at::Tensor& grad_out_, const at::Tensor& inp
     return {gi, gw, gk, gd, gm};
   }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "erftool_deform_backward_cpu", [&] {
-    Tensors<scalar_t> t;
-    t.x = input.contiguous(at::MemoryFormat::ChannelsLast);
-    t.koff = contiguous_or_none(koff_);
-    t.doff = contiguous_or_none(doff_);
-    t.mask = contiguous_or_none(mask_);
-    if (g.depthwise) t.wt = w.reshape({g.C, g.S2}).t().contiguous();
+    const auto t = make_tensors<scalar_t>(g, input, w, koff_, doff_, mask_);
     Grads<scalar_t> out;
     if (need.input) out.input_cl = at::zeros({g.N, g.H, g.W, g.C}, input.options());
     out.koff = gk, out.doff = gd, out.mask = gm;

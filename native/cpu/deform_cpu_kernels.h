@@ -215,6 +215,25 @@ ERFTOOL_ALWAYS_INLINE void decode(const Ctx<T>& c, int64_t p, int64_t* n, int64_
   *x = p % Wo;
 }
 
+// f(segment, scope corners, values) for every tap of output (n, y, x) that
+// reads something, values being the segment's channels times the mask.
+template <typename T, typename F>
+ERFTOOL_ALWAYS_INLINE void for_each_tap_value(const Ctx<T>& c, int64_t n, int64_t y, int64_t x,
+                                              Scratch<T>& s, const F& f) {
+  const Geometry& g = *c.g;
+  const T* img = c.image(n);
+  for (int64_t a = 0; a < g.Kh; ++a)
+    for (int64_t b = 0; b < g.Kw; ++b) {
+      sample_tap(c, n, y, x, a, b, s);
+      for (int64_t i = 0; i < c.nsegs; ++i) {
+        const Segment& sg = c.segs[i];
+        const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, g.C, sg.c0, sg.c1 - sg.c0,
+                                s.v.data());
+        if (v) f(sg, s.kc[sg.kg], v);
+      }
+    }
+}
+
 // ---------------------------------------------------------------- forward
 
 // One tap of one segment scattered into its <= 4 scope cells of a column row.
@@ -294,19 +313,11 @@ ERFTOOL_ALWAYS_INLINE void depthwise_rows(const Ctx<T>& c, int64_t p0, int64_t p
     decode(c, p, &n, &y, &x);
     T* o = out + p * g.C;
     std::fill(o, o + g.C, T(0));
-    const T* img = c.image(n);
-    for (int64_t a = 0; a < g.Kh; ++a)
-      for (int64_t b = 0; b < g.Kw; ++b) {
-        sample_tap(c, n, y, x, a, b, s);
-        for (int64_t i = 0; i < c.nsegs; ++i) {
-          const Segment& sg = c.segs[i];
-          const int64_t len = sg.c1 - sg.c0;
-          const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, g.C, sg.c0, len, s.v.data());
-          if (!v) continue;
-          const CornerRows<T> r = corner_rows(s.kc[sg.kg], c.wt + sg.colbase, g.C, zeros.data());
-          fused_corner_axpy(len, T(1), v, r, o + sg.c0);
-        }
-      }
+    for_each_tap_value(c, n, y, x, s, [&](const Segment& sg, const BilinearCorners<T>& k,
+                                          const T* v) {
+      const CornerRows<T> r = corner_rows(k, c.wt + sg.colbase, g.C, zeros.data());
+      fused_corner_axpy(sg.c1 - sg.c0, T(1), v, r, o + sg.c0);
+    });
   }
 }
 
@@ -517,22 +528,13 @@ ERFTOOL_ALWAYS_INLINE void depthwise_weight_grad(const Ctx<T>& c, const T* gout,
   for (int64_t p = p0; p < p1; ++p) {
     int64_t n, y, x;
     decode(c, p, &n, &y, &x);
-    const T* img = c.image(n);
     const T* go = gout + p * g.C;
-    for (int64_t a = 0; a < g.Kh; ++a)
-      for (int64_t b = 0; b < g.Kw; ++b) {
-        sample_tap(c, n, y, x, a, b, s);
-        for (int64_t i = 0; i < c.nsegs; ++i) {
-          const Segment& sg = c.segs[i];
-          const int64_t len = sg.c1 - sg.c0;
-          const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, g.C, sg.c0, len, s.v.data());
-          if (!v) continue;
-          const BilinearCorners<T>& k = s.kc[sg.kg];
-          for (int j = 0; j < 4; ++j)
-            if (k.index[j] >= 0 && k.weight[j] != T(0))
-              axpy2(len, k.weight[j], v, go + sg.c0, acc + sg.c0 + k.index[j] * g.C);
-        }
-      }
+    for_each_tap_value(c, n, y, x, s, [&](const Segment& sg, const BilinearCorners<T>& k,
+                                          const T* v) {
+      for (int j = 0; j < 4; ++j)
+        if (k.index[j] >= 0 && k.weight[j] != T(0))
+          axpy2(sg.c1 - sg.c0, k.weight[j], v, go + sg.c0, acc + sg.c0 + k.index[j] * g.C);
+    });
   }
 }
 
