@@ -22,8 +22,10 @@
 
 #if defined(__GNUC__)
 #define ERFTOOL_ALWAYS_INLINE inline __attribute__((always_inline))
+#define ERFTOOL_LAMBDA_INLINE __attribute__((always_inline))  // inherits the caller's ISA
 #else
 #define ERFTOOL_ALWAYS_INLINE inline
+#define ERFTOOL_LAMBDA_INLINE
 #endif
 
 namespace erftool {
@@ -314,7 +316,7 @@ ERFTOOL_ALWAYS_INLINE void depthwise_rows(const Ctx<T>& c, int64_t p0, int64_t p
     T* o = out + p * g.C;
     std::fill(o, o + g.C, T(0));
     for_each_tap_value(c, n, y, x, s, [&](const Segment& sg, const BilinearCorners<T>& k,
-                                          const T* v) {
+                                          const T* v) ERFTOOL_LAMBDA_INLINE {
       const CornerRows<T> r = corner_rows(k, c.wt + sg.colbase, g.C, zeros.data());
       fused_corner_axpy(sg.c1 - sg.c0, T(1), v, r, o + sg.c0);
     });
@@ -530,7 +532,7 @@ ERFTOOL_ALWAYS_INLINE void depthwise_weight_grad(const Ctx<T>& c, const T* gout,
     decode(c, p, &n, &y, &x);
     const T* go = gout + p * g.C;
     for_each_tap_value(c, n, y, x, s, [&](const Segment& sg, const BilinearCorners<T>& k,
-                                          const T* v) {
+                                          const T* v) ERFTOOL_LAMBDA_INLINE {
       for (int j = 0; j < 4; ++j)
         if (k.index[j] >= 0 && k.weight[j] != T(0))
           axpy2(sg.c1 - sg.c0, k.weight[j], v, go + sg.c0, acc + sg.c0 + k.index[j] * g.C);
