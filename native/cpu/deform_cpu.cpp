@@ -353,6 +353,27 @@ void parallel_blocks(int64_t n, int64_t block, const F& f) {
   });
 }
 
+// f(begin, end) over the chunk's positions in blocks of whole output rows of
+// one image, in two phases: even blocks, then odd blocks. Blocks are
+// (K_h - 1) * d_h rows tall (at least 1), so two blocks of one phase never
+// read the same input row: a pass may scatter into the input gradient with
+// no atomics, and every pixel's sum runs in an order fixed by the geometry.
+template <typename F>
+void row_block_phases(const Geometry& g, const Chunk& ch, const F& f) {
+  const int64_t height = std::max<int64_t>(1, (g.Kh - 1) * g.dh);
+  const int64_t blocks = (ch.rows + height - 1) / height;
+  for (int64_t phase = 0; phase < 2; ++phase) {
+    const int64_t per_image = (blocks + 1 - phase) / 2;
+    parallel_blocks(ch.nc * per_image, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t ni = t / per_image, r0 = (2 * (t % per_image) + phase) * height;
+        const int64_t r1 = std::min(ch.rows, r0 + height);
+        f((ni * ch.rows + r0) * g.Wo, (ni * ch.rows + r1) * g.Wo);
+      }
+    });
+  }
+}
+
 at::Tensor chunk_view(const at::Tensor& t, const Chunk& ch) {
   return t.narrow(0, ch.n0, ch.nc).narrow(2, ch.y0, ch.rows);
 }
@@ -454,7 +475,7 @@ void gradients_from_columns(const Geometry& g, const Ctx<T>& c, const Grad& gr,
     const OffsetGrads<T> og = out.ptrs();
     T* no_rows = nullptr;
     parallel_blocks(P, position_grain(g), [&](int64_t b, int64_t e) {
-      offset_grad_rows_isa<T>(c, gr, og, b, e, no_rows);
+      offset_grad_rows_isa<T>(c, gr, og, b, e, no_rows, no_rows);
     });
   }
   if (!need.input) return;
@@ -501,15 +522,22 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
     if (need.any_g()) gcol = gemm_column_grad(gout, wp, g.groups);
     const DenseGrad<T> gr{need.any_g() ? gcol.data_ptr<T>() : nullptr, L, g.sstride(),
                           zeros.data()};
-    if (need.weight || need.offsets()) {
+    // One fused pass: offset gradients, column rows for the weight gradient
+    // and, on a rigid data grid, the input gradient (scattered per tap).
+    T* gin = need.input && !g.has_doff ? out.input_cl.template data_ptr<T>() : nullptr;
+    if (need.weight || need.offsets() || gin) {
       const OffsetGrads<T> og = out.ptrs();
       T* rows = need.weight ? col.data_ptr<T>() : nullptr;
-      parallel_blocks(P, position_grain(g), [&](int64_t b, int64_t e) {
-        offset_grad_rows_isa<T>(c, gr, og, b, e, rows);
-      });
+      const auto pass = [&](int64_t b, int64_t e) {
+        offset_grad_rows_isa<T>(c, gr, og, b, e, rows, gin);
+      };
+      if (gin)
+        row_block_phases(g, ch, pass);
+      else
+        parallel_blocks(P, position_grain(g), pass);
     }
     if (need.weight) gemm_weight_grad_add(gout, colv, gwp, g.groups);
-    if (need.input) gradients_from_columns(g, c, gr, need, out, true);
+    if (need.input && g.has_doff) gradients_from_columns(g, c, gr, need, out, true);
   }
   if (!need.weight) return at::Tensor();
   return gwp.view({g.O, g.S2, g.Cg}).permute({0, 2, 1}).reshape({g.O, g.Cg, g.Sh, g.Sw});

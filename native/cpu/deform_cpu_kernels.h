@@ -380,11 +380,15 @@ struct OffsetGrads {
 // reduction over its group's channels (gather form, no atomics). Built from
 // f_ij = sum_c X_j[c] G[s_i][c] for scope corner i and data corner j. When
 // col is given the same pass (same corners, same input reads) also rebuilds
-// the column rows for the weight gradient.
+// the column rows for the weight gradient, and, when gin is given (rigid data
+// taps only), scatters each tap's gradient into its input pixel: the column
+// gradient row of a position is then read once, from cache, for everything.
+// The caller must run such a pass in row-block phases (row_block_phases) so
+// that no two threads touch the same input pixel.
 template <typename T, typename Grad>
 ERFTOOL_ALWAYS_INLINE void offset_grad_rows(const Ctx<T>& c, const Grad& gr,
                                             const OffsetGrads<T>& out, int64_t p0,
-                                            int64_t p1, T* col) {
+                                            int64_t p1, T* col, T* gin) {
   const Geometry& g = *c.g;
   Scratch<T> s(g);
   const int64_t P = g.plane(), ss = g.sstride(), len_row = g.row_len();
@@ -403,6 +407,14 @@ ERFTOOL_ALWAYS_INLINE void offset_grad_rows(const Ctx<T>& c, const Grad& gr,
         sample_tap(c, n, y, x, a, b, s);
         if (row)
           for (int64_t si = 0; si < c.nsegs; ++si) scatter_tap(s, c.segs[si], img, g.C, ss, row);
+        if (gin)
+          for (int64_t si = 0; si < c.nsegs; ++si) {
+            const Segment& sg = c.segs[si];
+            const int64_t pixel = s.dc[sg.dg].index[0];
+            if (pixel < 0) continue;
+            gr.tap_grad(p, sg, sg.c0, sg.c1 - sg.c0, s.kc[sg.kg], s.m[sg.dg],
+                        gin + (n * g.H * g.W + pixel) * g.C + sg.c0);
+          }
         if (!grads) continue;
         std::fill(gk.begin(), gk.end(), T(0));
         std::fill(gd.begin(), gd.end(), T(0));
