@@ -226,16 +226,18 @@ def test_depthwise_results_do_not_depend_on_thread_count():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("layout", [dict(C=6, O=5), dict(C=6, O=6, groups=6)],
+                         ids=["general", "depthwise"])
 @pytest.mark.parametrize("geometry", [
     dict(k=(3, 3), s=(1, 1), p=(1, 1), d=(1, 1)),
     dict(k=(3, 2), S=(4, 3), s=(2, 1), p=(2, 0), d=(2, 1)),
     dict(k=(1, 3), S=(2, 4), s=(1, 1), p=(0, 1), d=(1, 1)),
     dict(k=(5, 3), S=(6, 4), s=(1, 2), p=(2, 1), d=(1, 1)),
 ])
-def test_scattered_input_gradient_on_tall_maps_any_thread_count(threads, geometry):
+def test_scattered_input_gradient_on_tall_maps_any_thread_count(threads, layout, geometry):
     # On a rigid data grid the input gradient is scattered per tap in
     # row-block phases; many blocks and several threads must not lose updates.
-    cfg = config(N=2, C=6, O=5, H=23, W=7, G=2, mask=True, **geometry)
+    cfg = config(N=2, H=45, W=7, G=2, mask=True, **layout, **geometry)
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)

@@ -59,10 +59,9 @@ bool use_avx2() { return false; }
 
 ERFTOOL_ISA_VARIANTS(build_rows)
 ERFTOOL_ISA_VARIANTS(depthwise_rows)
-ERFTOOL_ISA_VARIANTS(offset_grad_rows)
+ERFTOOL_ISA_VARIANTS(backward_rows)
 ERFTOOL_ISA_VARIANTS(input_grad_gather)
 ERFTOOL_ISA_VARIANTS(input_grad_scatter)
-ERFTOOL_ISA_VARIANTS(depthwise_weight_grad)
 
 // ------------------------------------------------------------ arguments
 
@@ -353,22 +352,35 @@ void parallel_blocks(int64_t n, int64_t block, const F& f) {
   });
 }
 
-// f(begin, end) over the chunk's positions in blocks of whole output rows of
-// one image, in two phases: even blocks, then odd blocks. Blocks are
-// (K_h - 1) * d_h rows tall (at least 1), so two blocks of one phase never
-// read the same input row: a pass may scatter into the input gradient with
-// no atomics, and every pixel's sum runs in an order fixed by the geometry.
+// Output rows per block of row_block_phases: tall enough that two blocks of
+// one phase never read the same input row ((K_h - 1) * d_h rows, at least 1),
+// and at most max_blocks blocks per image.
+int64_t row_block_height(const Geometry& g, const Chunk& ch, int64_t max_blocks) {
+  const int64_t least = std::max<int64_t>(1, (g.Kh - 1) * g.dh);
+  return std::max(least, (ch.rows + max_blocks - 1) / max_blocks);
+}
+
+int64_t row_blocks(const Geometry& g, const Chunk& ch, int64_t max_blocks) {
+  const int64_t height = row_block_height(g, ch, max_blocks);
+  return ch.nc * ((ch.rows + height - 1) / height);
+}
+
+// f(begin, end, block) over the chunk's positions in blocks of whole output
+// rows of one image (block numbers 0 .. row_blocks() - 1), in two phases:
+// even blocks, then odd blocks. Blocks of one phase never touch the same
+// input row, so a pass may scatter into the input gradient with no atomics,
+// and every pixel's sum runs in an order fixed by the geometry.
 template <typename F>
-void row_block_phases(const Geometry& g, const Chunk& ch, const F& f) {
-  const int64_t height = std::max<int64_t>(1, (g.Kh - 1) * g.dh);
+void row_block_phases(const Geometry& g, const Chunk& ch, int64_t max_blocks, const F& f) {
+  const int64_t height = row_block_height(g, ch, max_blocks);
   const int64_t blocks = (ch.rows + height - 1) / height;
   for (int64_t phase = 0; phase < 2; ++phase) {
     const int64_t per_image = (blocks + 1 - phase) / 2;
     parallel_blocks(ch.nc * per_image, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const int64_t ni = t / per_image, r0 = (2 * (t % per_image) + phase) * height;
-        const int64_t r1 = std::min(ch.rows, r0 + height);
-        f((ni * ch.rows + r0) * g.Wo, (ni * ch.rows + r1) * g.Wo);
+        const int64_t ni = t / per_image, blk = 2 * (t % per_image) + phase;
+        const int64_t r0 = blk * height, r1 = std::min(ch.rows, r0 + height);
+        f((ni * ch.rows + r0) * g.Wo, (ni * ch.rows + r1) * g.Wo, ni * blocks + blk);
       }
     });
   }
@@ -465,21 +477,16 @@ struct Grads {
   }
 };
 
-// Fused passes that turn the column gradient of one chunk into the input,
-// offset and mask gradients.
+// Row blocks below which a chunk's input gradient is gathered in a pass of
+// its own instead of scattered in the fused pass (too few blocks per phase
+// to keep the threads busy). A constant, so results do not depend on the
+// thread count.
+constexpr int64_t kMinScatterBlocks = 8;
+
+// The input gradient in a pass of its own: a gather per input pixel on a
+// rigid data grid, a scatter per (image, channel tile) with data offsets.
 template <typename T, typename Grad>
-void gradients_from_columns(const Geometry& g, const Ctx<T>& c, const Grad& gr,
-                            const Needs& need, Grads<T>& out, bool fused_offsets) {
-  const int64_t P = c.positions();
-  if (need.offsets() && !fused_offsets) {
-    const OffsetGrads<T> og = out.ptrs();
-    T* no_rows = nullptr;
-    parallel_blocks(P, position_grain(g), [&](int64_t b, int64_t e) {
-      offset_grad_rows_isa<T>(c, gr, og, b, e, no_rows, no_rows);
-    });
-  }
-  if (!need.input) return;
-  T* gin = out.input_cl.template data_ptr<T>();
+void input_grad_pass(const Geometry& g, const Ctx<T>& c, const Grad& gr, T* gin) {
   if (!g.has_doff) {
     const int64_t lo = std::max<int64_t>(0, c.y0 * g.sh - g.ph);
     const int64_t hi = std::min<int64_t>(g.H, (c.y0 + c.rows - 1) * g.sh - g.ph + (g.Kh - 1) * g.dh + 1);
@@ -497,6 +504,27 @@ void gradients_from_columns(const Geometry& g, const Ctx<T>& c, const Grad& gr,
       input_grad_scatter_isa<T>(c, gr, tile, b, e, gin);
     });
   }
+}
+
+// One chunk's backward after the column gradient: the fused pass
+// (backward_rows) in row-block phases, writing the input gradient itself on a
+// rigid grid when the chunk has enough row blocks, else a separate input pass.
+// wparts: depthwise weight-gradient partial sums, one (S2, C) per row block.
+template <typename T, typename Grad>
+void backward_chunk(const Geometry& g, const Ctx<T>& c, const Chunk& ch, const Grad& gr,
+                    const Needs& need, PassOutputs<T> po, int64_t max_blocks, T* wparts,
+                    Grads<T>& out) {
+  T* gin = need.input ? out.input_cl.template data_ptr<T>() : nullptr;
+  const bool fused_input = gin && !g.has_doff && row_blocks(g, ch, max_blocks) >= kMinScatterBlocks;
+  po.offsets = out.ptrs();
+  po.gin = fused_input ? gin : nullptr;
+  if (po.col || wparts || need.offsets() || po.gin)
+    row_block_phases(g, ch, max_blocks, [&](int64_t b, int64_t e, int64_t block) {
+      PassOutputs<T> mine = po;
+      if (wparts) mine.wacc = wparts + block * g.S2 * g.C;
+      backward_rows_isa<T>(c, gr, mine, b, e);
+    });
+  if (gin && !fused_input) input_grad_pass(g, c, gr, gin);
 }
 
 template <typename T>
@@ -522,44 +550,18 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
     if (need.any_g()) gcol = gemm_column_grad(gout, wp, g.groups);
     const DenseGrad<T> gr{need.any_g() ? gcol.data_ptr<T>() : nullptr, L, g.sstride(),
                           zeros.data()};
-    // One fused pass: offset gradients, column rows for the weight gradient
-    // and, on a rigid data grid, the input gradient (scattered per tap).
-    T* gin = need.input && !g.has_doff ? out.input_cl.template data_ptr<T>() : nullptr;
-    if (need.weight || need.offsets() || gin) {
-      const OffsetGrads<T> og = out.ptrs();
-      T* rows = need.weight ? col.data_ptr<T>() : nullptr;
-      const auto pass = [&](int64_t b, int64_t e) {
-        offset_grad_rows_isa<T>(c, gr, og, b, e, rows, gin);
-      };
-      if (gin)
-        row_block_phases(g, ch, pass);
-      else
-        parallel_blocks(P, position_grain(g), pass);
-    }
+    PassOutputs<T> po;
+    po.col = need.weight ? col.data_ptr<T>() : nullptr;
+    backward_chunk(g, c, ch, gr, need, po, ch.rows, static_cast<T*>(nullptr), out);
     if (need.weight) gemm_weight_grad_add(gout, colv, gwp, g.groups);
-    if (need.input && g.has_doff) gradients_from_columns(g, c, gr, need, out, true);
   }
   if (!need.weight) return at::Tensor();
   return gwp.view({g.O, g.S2, g.Cg}).permute({0, 2, 1}).reshape({g.O, g.Cg, g.Sh, g.Sw});
 }
 
-// Depthwise weight gradient of one chunk: fixed position blocks with their
-// own partial sums, reduced in order, so the result does not depend on the
-// thread count.
-template <typename T>
-void depthwise_weight_chunk(const Ctx<T>& c, const T* gout, at::Tensor& acc) {
-  const Geometry& g = *c.g;
-  const int64_t P = c.positions(), nblocks = std::min<int64_t>(P, 32);
-  const int64_t per = (P + nblocks - 1) / nblocks;
-  at::Tensor part = at::zeros({nblocks, g.S2, g.C}, acc.options());
-  T* pp = part.data_ptr<T>();
-  parallel_blocks(nblocks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k)
-      depthwise_weight_grad_isa<T>(c, gout, k * per, std::min(P, (k + 1) * per),
-                                   pp + k * g.S2 * g.C);
-  });
-  acc.add_(part.sum(0));
-}
+// Row blocks per image on the depthwise path: bounds the weight-gradient
+// partial sums to this many (S2, C) buffers per image of a chunk.
+constexpr int64_t kDepthwiseRowBlocks = 16;
 
 template <typename T>
 at::Tensor backward_depthwise(const Geometry& g, const Tensors<T>& t, const at::Tensor& grad_out,
@@ -573,8 +575,16 @@ at::Tensor backward_depthwise(const Geometry& g, const Tensors<T>& t, const at::
     const Ctx<T> c = make_ctx(g, segs, t, ch);
     const at::Tensor gcl = chunk_view(grad_out, ch).permute({0, 2, 3, 1}).contiguous();
     const DepthwiseGrad<T> gr{gcl.data_ptr<T>(), c.wt, g.C, zeros.data()};
-    if (need.weight) depthwise_weight_chunk(c, gcl.data_ptr<T>(), gwt);
-    if (need.any_g()) gradients_from_columns(g, c, gr, need, out, false);
+    // Weight-gradient partial sums per row block, reduced in order: the result
+    // does not depend on the thread count.
+    at::Tensor parts;
+    if (need.weight) parts = at::zeros({row_blocks(g, ch, kDepthwiseRowBlocks), g.S2, g.C},
+                                       grad_out.options());
+    PassOutputs<T> po;
+    po.gout = gcl.data_ptr<T>();
+    backward_chunk(g, c, ch, gr, need, po, kDepthwiseRowBlocks,
+                   need.weight ? parts.data_ptr<T>() : static_cast<T*>(nullptr), out);
+    if (need.weight) gwt.add_(parts.sum(0));
   }
   if (!need.weight) return at::Tensor();
   return gwt.t().reshape({g.C, 1, g.Sh, g.Sw});

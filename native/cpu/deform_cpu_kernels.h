@@ -376,22 +376,37 @@ struct OffsetGrads {
   T* mask;  // (N, DG*K, Ho, Wo)
 };
 
-// Kernel-offset, data-offset and mask gradients of positions [p0, p1), each a
-// reduction over its group's channels (gather form, no atomics). Built from
-// f_ij = sum_c X_j[c] G[s_i][c] for scope corner i and data corner j. When
-// col is given the same pass (same corners, same input reads) also rebuilds
-// the column rows for the weight gradient, and, when gin is given (rigid data
-// taps only), scatters each tap's gradient into its input pixel: the column
-// gradient row of a position is then read once, from cache, for everything.
-// The caller must run such a pass in row-block phases (row_block_phases) so
-// that no two threads touch the same input pixel.
+// Everything the fused backward pass writes (null = not wanted).
+template <typename T>
+struct PassOutputs {
+  OffsetGrads<T> offsets;
+  T* col = nullptr;   // column rows of the chunk, rebuilt for the weight GEMM
+  T* gin = nullptr;   // (N, H, W, C) input gradient, rigid data grid only
+  T* wacc = nullptr;  // depthwise weight gradient (S2, C) of this block
+  const T* gout = nullptr;  // depthwise: grad_out rows (positions, C), for wacc
+};
+
+// The fused backward pass over positions [p0, p1), sharing one set of tap
+// corners and input reads between:
+//  * kernel-offset, data-offset and mask gradients, each a reduction over its
+//    group's channels (no atomics), built from f_ij = sum_c X_j[c] G[s_i][c]
+//    for scope corner i and data corner j;
+//  * the column rows for the weight GEMM (po.col), or the depthwise weight
+//    gradient (po.wacc);
+//  * on a rigid data grid, the input gradient (po.gin), each tap's gradient
+//    scattered into its pixel, so that a position's column-gradient row is
+//    read once, from cache, for everything. A pass with gin must run in
+//    row-block phases (row_block_phases) so that no two threads touch the
+//    same input pixel.
 template <typename T, typename Grad>
-ERFTOOL_ALWAYS_INLINE void offset_grad_rows(const Ctx<T>& c, const Grad& gr,
-                                            const OffsetGrads<T>& out, int64_t p0,
-                                            int64_t p1, T* col, T* gin) {
+ERFTOOL_ALWAYS_INLINE void backward_rows(const Ctx<T>& c, const Grad& gr,
+                                         const PassOutputs<T>& po, int64_t p0, int64_t p1) {
   const Geometry& g = *c.g;
   Scratch<T> s(g);
   const int64_t P = g.plane(), ss = g.sstride(), len_row = g.row_len();
+  const OffsetGrads<T>& out = po.offsets;
+  T* const col = po.col;
+  T* const gin = po.gin;
   const bool grads = out.koff || out.doff || out.mask;
   std::vector<T> gk(2 * g.G), gd(2 * g.DG), gm(g.DG);
   for (int64_t p = p0; p < p1; ++p) {
@@ -407,6 +422,18 @@ ERFTOOL_ALWAYS_INLINE void offset_grad_rows(const Ctx<T>& c, const Grad& gr,
         sample_tap(c, n, y, x, a, b, s);
         if (row)
           for (int64_t si = 0; si < c.nsegs; ++si) scatter_tap(s, c.segs[si], img, g.C, ss, row);
+        if (po.wacc)
+          for (int64_t si = 0; si < c.nsegs; ++si) {
+            const Segment& sg = c.segs[si];
+            const int64_t len = sg.c1 - sg.c0;
+            const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, g.C, sg.c0, len, s.v.data());
+            if (!v) continue;
+            const BilinearCorners<T>& k = s.kc[sg.kg];
+            for (int j = 0; j < 4; ++j)
+              if (k.index[j] >= 0 && k.weight[j] != T(0))
+                axpy2(len, k.weight[j], v, po.gout + p * g.C + sg.c0,
+                      po.wacc + sg.c0 + k.index[j] * g.C);
+          }
         if (gin)
           for (int64_t si = 0; si < c.nsegs; ++si) {
             const Segment& sg = c.segs[si];
@@ -530,25 +557,6 @@ ERFTOOL_ALWAYS_INLINE void input_grad_scatter(const Ctx<T>& c, const Grad& gr, i
           }
         }
     }
-  }
-}
-
-// Depthwise weight gradient of positions [p0, p1) added into acc (S2, C).
-template <typename T>
-ERFTOOL_ALWAYS_INLINE void depthwise_weight_grad(const Ctx<T>& c, const T* gout, int64_t p0,
-                                                 int64_t p1, T* acc) {
-  const Geometry& g = *c.g;
-  Scratch<T> s(g);
-  for (int64_t p = p0; p < p1; ++p) {
-    int64_t n, y, x;
-    decode(c, p, &n, &y, &x);
-    const T* go = gout + p * g.C;
-    for_each_tap_value(c, n, y, x, s, [&](const Segment& sg, const BilinearCorners<T>& k,
-                                          const T* v) ERFTOOL_LAMBDA_INLINE {
-      for (int j = 0; j < 4; ++j)
-        if (k.index[j] >= 0 && k.weight[j] != T(0))
-          axpy2(sg.c1 - sg.c0, k.weight[j], v, go + sg.c0, acc + sg.c0 + k.index[j] * g.C);
-    });
   }
 }
 
