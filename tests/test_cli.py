@@ -289,7 +289,7 @@ def _fake_bench(tmp_path):
         rows.append({"shape": shape, "op": "conv3x3", "backend": "onednn", "fwd_ms": 1.0,
                      "fwdbwd_ms": 3.0})
         rows.append({"shape": shape, "op": "dk_s4", "backend": "native", "fwd_ms": 2.0,
-                     "fwdbwd_ms": 7.0})
+                     "fwdbwd_ms": 7.0, "paired_ratio_fwd": 1.5})
         rows.append({"shape": shape, "op": "dk_s4", "backend": "reference", "fwd_ms": 90.0})
     p = tmp_path / "cpu.json"
     p.write_text(json.dumps({"meta": {"cpu": "test cpu", "threads": 2}, "rows": rows}))
@@ -310,6 +310,13 @@ def test_speed_panels_reads_both_benchmark_layouts(tmp_path):
     assert panels["forward"] == {"s": {"conv2d": 1.0}} and device == "GPU, float32"
     with pytest.raises(ValueError):
         speed_panels({"rows": []})
+
+
+def test_paired_ratios_are_read_from_bench_rows(tmp_path):
+    from erftool.commands.figures import paired_ratio_panels
+    ratios = paired_ratio_panels(json.loads(_fake_bench(tmp_path).read_text()))
+    assert ratios == {"forward": {"56x56_c64": {"dk_s4": 1.5}, "14x14_c256": {"dk_s4": 1.5}}}
+    assert paired_ratio_panels({"results": []}) == {}
 
 
 def test_figures_speed_and_growth(tmp_path, monkeypatch):

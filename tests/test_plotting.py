@@ -160,6 +160,14 @@ def test_speed_figure_ratio_labels():
         P.speed_figure({})
 
 
+def test_speed_figure_prefers_paired_ratios():
+    times = {"forward": {"56x56": {"deform_kernel2d": 4.0, "conv2d": 1.0}}}
+    fig = P.speed_figure(times, ratios={"forward": {"56x56": {"deform_kernel2d": 2.5}}})
+    ax = fig.axes[0]
+    assert [t.get_text().strip() for t in ax.texts] == ["1.0x (1 ms)", "2.5x paired (4 ms)"]
+    assert sorted(p.get_width() for p in ax.patches) == [1.0, 2.5]
+
+
 @pytest.mark.parametrize("fmt", ["png", "pdf", "svg"])
 def test_save_formats(tmp_path, fmt):
     out = P.save(P.comparison_grid({"a": gauss()}), tmp_path / "grid", fmt)

@@ -142,6 +142,25 @@ def speed_panels(data) -> tuple[dict, str]:
     return panels, str(device)
 
 
+# Paired ratios (median of per-repeat ratios to conv2d) in bench_ops.py rows.
+PAIRED_KEYS = {"fwd": "paired_ratio_fwd", "fwd_bwd": "paired_ratio_fwdbwd"}
+
+
+def paired_ratio_panels(data) -> dict:
+    """bench_ops.py JSON -> {pass title: {case: {op: paired ratio}}} (empty for other layouts)."""
+    rows = data.get("rows", []) if isinstance(data, dict) else []
+    panels: dict[str, dict[str, dict[str, float]]] = {}
+    for r in rows:
+        if not isinstance(r, dict) or r.get("backend") == "reference" or "op" not in r:
+            continue
+        for key, title in PASS_TITLES.items():
+            value = r.get(PAIRED_KEYS[key])
+            if isinstance(value, (int, float)):
+                panels.setdefault(title, {}).setdefault(str(r.get("shape", "?")), {})[
+                    str(r["op"])] = float(value)
+    return panels
+
+
 def figure_speed(bench_json):
     path = Path(bench_json) if bench_json else default_bench_json()
     if path is None or not path.exists():
@@ -154,6 +173,7 @@ def figure_speed(bench_json):
     panels, device = speed_panels(data)
     where = f" ({device})" if device else ""
     return plotting.speed_figure(panels, baseline=_baseline(panels),
+                                 ratios=paired_ratio_panels(data),
                                  title=f"erftool operators vs conv2d{where}, from {path.name}")
 
 

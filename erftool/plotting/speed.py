@@ -20,11 +20,14 @@ def _ops(panels: Mapping[str, Cases], baseline: str) -> list[str]:
 
 
 def speed_figure(panels: Mapping[str, Cases], *, baseline: str = "conv2d", unit: str = "ms",
-                 title: str = ""):
+                 title: str = "", ratios: Mapping[str, Cases] | None = None):
     """One panel per pass (e.g. "forward", "forward + backward"); in each, one bar group
     per case. Bars show time as a multiple of the baseline's time in the same case, on a
     linear axis from 0 (a dotted line marks 1x), each labelled with the absolute time.
-    Ops keep one colour across panels."""
+    Where `ratios` (same nesting as panels) holds a measured ratio for an op -- the
+    median of per-repeat ratios, which a noisy machine distorts less than a ratio of
+    medians -- the bar shows that instead, labelled "paired". Ops keep one colour
+    across panels."""
     if not panels or not any(panels.values()):
         raise ValueError("no benchmark cases to plot")
     ops = _ops(panels, baseline)
@@ -41,12 +44,15 @@ def speed_figure(panels: Mapping[str, Cases], *, baseline: str = "conv2d", unit:
                 v, base = cases[c].get(op), cases[c].get(baseline)
                 if v is None or not base or not np.isfinite(v):
                     continue
-                ratio = v / base
+                paired = ((ratios or {}).get(ptitle) or {}).get(c, {}).get(op)
+                ratio = paired if paired is not None and op != baseline else v / base
                 top = max(top, ratio)
                 ax.barh(y, ratio, height=h * 0.9, color=color(j),
                         label=op if y == ys[0] or c == labels[0] else None)
                 shown = f"{v:.0f}" if v >= 100 else f"{v:.3g}"
-                ax.text(ratio, y, f" {ratio:.1f}x ({shown} {unit})", va="center", fontsize=6)
+                kind = " paired" if paired is not None and op != baseline else ""
+                ax.text(ratio, y, f" {ratio:.1f}x{kind} ({shown} {unit})", va="center",
+                        fontsize=6)
         ax.axvline(1.0, color="0.3", linestyle=":", linewidth=1)
         ax.set_yticks(np.arange(len(labels)) + 0.4 - h / 2, labels if k == 0 else
                       [""] * len(labels), fontsize=7)
