@@ -22,10 +22,8 @@
 
 #if defined(__GNUC__)
 #define ERFTOOL_ALWAYS_INLINE inline __attribute__((always_inline))
-#define ERFTOOL_LAMBDA_INLINE __attribute__((always_inline))  // inherits the caller's ISA
 #else
 #define ERFTOOL_ALWAYS_INLINE inline
-#define ERFTOOL_LAMBDA_INLINE
 #endif
 
 namespace erftool {
@@ -217,25 +215,6 @@ ERFTOOL_ALWAYS_INLINE void decode(const Ctx<T>& c, int64_t p, int64_t* n, int64_
   *x = p % Wo;
 }
 
-// f(segment, scope corners, values) for every tap of output (n, y, x) that
-// reads something, values being the segment's channels times the mask.
-template <typename T, typename F>
-ERFTOOL_ALWAYS_INLINE void for_each_tap_value(const Ctx<T>& c, int64_t n, int64_t y, int64_t x,
-                                              Scratch<T>& s, const F& f) {
-  const Geometry& g = *c.g;
-  const T* img = c.image(n);
-  for (int64_t a = 0; a < g.Kh; ++a)
-    for (int64_t b = 0; b < g.Kw; ++b) {
-      sample_tap(c, n, y, x, a, b, s);
-      for (int64_t i = 0; i < c.nsegs; ++i) {
-        const Segment& sg = c.segs[i];
-        const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, g.C, sg.c0, sg.c1 - sg.c0,
-                                s.v.data());
-        if (v) f(sg, s.kc[sg.kg], v);
-      }
-    }
-}
-
 // ---------------------------------------------------------------- forward
 
 // One tap of one segment scattered into its <= 4 scope cells of a column row.
@@ -304,6 +283,20 @@ ERFTOOL_ALWAYS_INLINE void fused_corner_axpy(int64_t n, T a, const T* __restrict
     y[i] += x[i] * (w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i]);
 }
 
+// y[c] += (sum_i kw_i krow_i[c]) * (sum_j dw_j drow_j[c]): the sampled weight
+// times the sampled data, both bilinear, in one pass.
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void fused_bilinear_product(int64_t n, const CornerRows<T>& k,
+                                                  const CornerRows<T>& d, T* __restrict y) {
+  const T *__restrict k0 = k.row[0], *__restrict k1 = k.row[1];
+  const T *__restrict k2 = k.row[2], *__restrict k3 = k.row[3];
+  const T *__restrict d0 = d.row[0], *__restrict d1 = d.row[1];
+  const T *__restrict d2 = d.row[2], *__restrict d3 = d.row[3];
+  for (int64_t i = 0; i < n; ++i)
+    y[i] += (k.w[0] * k0[i] + k.w[1] * k1[i] + k.w[2] * k2[i] + k.w[3] * k3[i]) *
+            (d.w[0] * d0[i] + d.w[1] * d1[i] + d.w[2] * d2[i] + d.w[3] * d3[i]);
+}
+
 // Depthwise forward, no column rows: out[p, c] = sum_taps value * sampled weight.
 template <typename T>
 ERFTOOL_ALWAYS_INLINE void depthwise_rows(const Ctx<T>& c, int64_t p0, int64_t p1, T* out) {
@@ -315,11 +308,27 @@ ERFTOOL_ALWAYS_INLINE void depthwise_rows(const Ctx<T>& c, int64_t p0, int64_t p
     decode(c, p, &n, &y, &x);
     T* o = out + p * g.C;
     std::fill(o, o + g.C, T(0));
-    for_each_tap_value(c, n, y, x, s, [&](const Segment& sg, const BilinearCorners<T>& k,
-                                          const T* v) ERFTOOL_LAMBDA_INLINE {
-      const CornerRows<T> r = corner_rows(k, c.wt + sg.colbase, g.C, zeros.data());
-      fused_corner_axpy(sg.c1 - sg.c0, T(1), v, r, o + sg.c0);
-    });
+    const T* img = c.image(n);
+    for (int64_t a = 0; a < g.Kh; ++a)
+      for (int64_t b = 0; b < g.Kw; ++b) {
+        sample_tap(c, n, y, x, a, b, s);
+        for (int64_t i = 0; i < c.nsegs; ++i) {
+          const Segment& sg = c.segs[i];
+          const int64_t len = sg.c1 - sg.c0;
+          const CornerRows<T> k = corner_rows(s.kc[sg.kg], c.wt + sg.colbase, g.C, zeros.data());
+          CornerRows<T> d = corner_rows(s.dc[sg.dg], img + sg.c0, g.C, zeros.data());
+          int count = 0, last = 0;
+          for (int j = 0; j < 4; ++j) {
+            d.w[j] *= s.m[sg.dg];
+            if (d.w[j] != T(0)) ++count, last = j;
+          }
+          if (count == 0) continue;
+          if (count == 1 && d.w[last] == T(1))  // a rigid tap: read the pixel in place
+            fused_corner_axpy(len, T(1), d.row[last], k, o + sg.c0);
+          else
+            fused_bilinear_product(len, k, d, o + sg.c0);
+        }
+      }
   }
 }
 
