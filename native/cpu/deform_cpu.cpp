@@ -3,9 +3,11 @@
 // Column form: per chunk of output positions, build the column rows
 // T[p][(g, s, c)] = sum_taps coef * value (deform_cpu_kernels.h), then one
 // grouped 1x1 convolution (oneDNN) or GEMM against the weight. The backward
-// recomputes T, gets G = W^T grad_out and grad_W = grad_out T^T from the same
-// 1x1 convolution's backward, and derives the input, offset and mask
-// gradients from G in fused passes. Depthwise layers skip the GEMM.
+// gets G = grad_out W by GEMM, then one fused pass per chunk (backward_rows)
+// that derives the offset and mask gradients from G, rebuilds T for the
+// weight GEMM and, on a rigid data grid, scatters the input gradient in
+// race-free row-block phases. Depthwise layers skip the GEMMs: their fused
+// pass also accumulates the weight gradient.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
