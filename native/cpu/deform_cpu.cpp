@@ -446,8 +446,8 @@ at::Tensor deform_forward_cpu(const at::Tensor& input_, const at::Tensor& weight
   const Options o = make_options(kernel_size, stride, padding, dilation, groups, offset_groups,
                                  data_groups, chunk_bytes);
   Geometry g = make_geometry(input_, weight_, koff_, doff_, mask_, o);
-  at::Tensor out = at::zeros({g.N, g.O, g.Ho, g.Wo}, input_.options());
-  if (empty_problem(g)) return out;
+  if (empty_problem(g)) return at::zeros({g.N, g.O, g.Ho, g.Wo}, input_.options());
+  at::Tensor out = at::empty({g.N, g.O, g.Ho, g.Wo}, input_.options());  // chunks cover it
   const at::Tensor input = input_.contiguous();
   at::Tensor coeffs, w = weight_.contiguous();
   if (!g.has_koff) w = centred_weight(g, w, &coeffs);

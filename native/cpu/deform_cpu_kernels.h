@@ -217,17 +217,61 @@ ERFTOOL_ALWAYS_INLINE void decode(const Ctx<T>& c, int64_t p, int64_t* n, int64_
 
 // ---------------------------------------------------------------- forward
 
-// One tap of one segment scattered into its <= 4 scope cells of a column row.
+// y = a * x (the first write of a column-row cell: no zero fill needed).
 template <typename T>
-ERFTOOL_ALWAYS_INLINE void scatter_tap(Scratch<T>& s, const Segment& sg, const T* img,
-                                       int64_t C, int64_t ss, T* row) {
-  const int64_t len = sg.c1 - sg.c0;
-  const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, C, sg.c0, len, s.v.data());
+ERFTOOL_ALWAYS_INLINE void scale_into(int64_t n, T a, const T* __restrict x, T* __restrict y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = a * x[i];
+}
+
+// Writes one column row cell by cell: the first contribution to a (segment,
+// scope cell) is stored, later ones added, and cells no tap reached are
+// zeroed at the end -- instead of zero-filling the whole row first, a pass
+// over S2 * C values per position that cost as much as the scatter itself.
+template <typename T>
+struct RowWriter {
+  const Geometry* g;
+  const Segment* segs;
+  int64_t nsegs;
+  std::vector<unsigned char> written;  // (segment, scope cell)
+  T* row = nullptr;
+
+  RowWriter(const Geometry& geom, const Segment* s, int64_t n)
+      : g(&geom), segs(s), nsegs(n), written(n * geom.S2) {}
+
+  void begin(T* r) {
+    row = r;
+    std::fill(written.begin(), written.end(), 0);
+  }
+  ERFTOOL_ALWAYS_INLINE void add(int64_t si, int64_t cell, T w, const T* v) {
+    const Segment& sg = segs[si];
+    T* dst = row + sg.colbase + cell * g->sstride();
+    unsigned char& done = written[si * g->S2 + cell];
+    if (done)
+      axpy(sg.c1 - sg.c0, w, v, dst);
+    else
+      scale_into(sg.c1 - sg.c0, w, v, dst);
+    done = 1;
+  }
+  void finish() {
+    for (int64_t si = 0; si < nsegs; ++si)
+      for (int64_t cell = 0; cell < g->S2; ++cell)
+        if (!written[si * g->S2 + cell]) {
+          T* dst = row + segs[si].colbase + cell * g->sstride();
+          std::fill(dst, dst + (segs[si].c1 - segs[si].c0), T(0));
+        }
+  }
+};
+
+// One tap of segment si scattered into its <= 4 scope cells of the row.
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void scatter_tap(Scratch<T>& s, int64_t si, const T* img, int64_t C,
+                                       RowWriter<T>& w) {
+  const Segment& sg = w.segs[si];
+  const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, C, sg.c0, sg.c1 - sg.c0, s.v.data());
   if (!v) return;
   const BilinearCorners<T>& k = s.kc[sg.kg];
   for (int j = 0; j < 4; ++j)
-    if (k.index[j] >= 0 && k.weight[j] != T(0))
-      axpy(len, k.weight[j], v, row + sg.colbase + k.index[j] * ss);
+    if (k.index[j] >= 0 && k.weight[j] != T(0)) w.add(si, k.index[j], k.weight[j], v);
 }
 
 // Column rows of positions [p0, p1): every tap scattered into its <= 4 scope cells.
@@ -235,20 +279,18 @@ template <typename T>
 ERFTOOL_ALWAYS_INLINE void build_rows(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
   const Geometry& g = *c.g;
   Scratch<T> s(g);
-  const int64_t ss = g.sstride(), len_row = g.row_len();
+  RowWriter<T> w(g, c.segs, c.nsegs);
   for (int64_t p = p0; p < p1; ++p) {
     int64_t n, y, x;
     decode(c, p, &n, &y, &x);
-    T* row = col + p * len_row;
-    std::fill(row, row + len_row, T(0));
+    w.begin(col + p * g.row_len());
     const T* img = c.image(n);
     for (int64_t a = 0; a < g.Kh; ++a)
       for (int64_t b = 0; b < g.Kw; ++b) {
         sample_tap(c, n, y, x, a, b, s);
-        for (int64_t i = 0; i < c.nsegs; ++i) {
-          scatter_tap(s, c.segs[i], img, g.C, ss, row);
-        }
+        for (int64_t i = 0; i < c.nsegs; ++i) scatter_tap(s, i, img, g.C, w);
       }
+    w.finish();
   }
 }
 
@@ -412,25 +454,25 @@ ERFTOOL_ALWAYS_INLINE void backward_rows(const Ctx<T>& c, const Grad& gr,
                                          const PassOutputs<T>& po, int64_t p0, int64_t p1) {
   const Geometry& g = *c.g;
   Scratch<T> s(g);
-  const int64_t P = g.plane(), ss = g.sstride(), len_row = g.row_len();
+  const int64_t P = g.plane(), len_row = g.row_len();
   const OffsetGrads<T>& out = po.offsets;
   T* const col = po.col;
   T* const gin = po.gin;
   const bool grads = out.koff || out.doff || out.mask;
   std::vector<T> gk(2 * g.G), gd(2 * g.DG), gm(g.DG);
+  RowWriter<T> rw(g, c.segs, c.nsegs);
   for (int64_t p = p0; p < p1; ++p) {
     int64_t n, y, x;
     decode(c, p, &n, &y, &x);
     const int64_t q = y * g.Wo + x;
     const T* img = c.image(n);
-    T* row = col ? col + p * len_row : nullptr;
-    if (row) std::fill(row, row + len_row, T(0));
+    if (col) rw.begin(col + p * len_row);
     for (int64_t a = 0; a < g.Kh; ++a)
       for (int64_t b = 0; b < g.Kw; ++b) {
         const int64_t t = a * g.Kw + b;
         sample_tap(c, n, y, x, a, b, s);
-        if (row)
-          for (int64_t si = 0; si < c.nsegs; ++si) scatter_tap(s, c.segs[si], img, g.C, ss, row);
+        if (col)
+          for (int64_t si = 0; si < c.nsegs; ++si) scatter_tap(s, si, img, g.C, rw);
         if (po.wacc)
           for (int64_t si = 0; si < c.nsegs; ++si) {
             const Segment& sg = c.segs[si];
@@ -494,6 +536,7 @@ ERFTOOL_ALWAYS_INLINE void backward_rows(const Ctx<T>& c, const Grad& gr,
           if (out.mask) out.mask[(n * g.DG * g.K + dg * g.K + t) * P + q] = gm[dg];
         }
       }
+    if (col) rw.finish();
   }
 }
 
