@@ -197,11 +197,20 @@ ERFTOOL_ALWAYS_INLINE const T* tap_values(const BilinearCorners<T>& d, T m, cons
   for (int j = 0; j < 4; ++j)
     if (d.index[j] >= 0 && d.weight[j] != T(0)) ++count, last = j;
   if (count == 0) return nullptr;
-  if (count == 1 && d.weight[last] * m == T(1)) return img + d.index[last] * C + c0;
-  std::fill(buf, buf + len, T(0));
-  for (int j = 0; j < 4; ++j)
-    if (d.index[j] >= 0 && d.weight[j] != T(0))
-      axpy(len, m * d.weight[j], img + d.index[j] * C + c0, buf);
+  const T* any = img + d.index[last] * C + c0;
+  if (count == 1 && d.weight[last] * m == T(1)) return any;
+  // One pass over the four corners; absent ones re-read a present row with
+  // weight 0 (cached), so the loop has no branches and no zero fill.
+  const T* r[4];
+  T w[4];
+  for (int j = 0; j < 4; ++j) {
+    const bool on = d.index[j] >= 0 && d.weight[j] != T(0);
+    r[j] = on ? img + d.index[j] * C + c0 : any;
+    w[j] = on ? m * d.weight[j] : T(0);
+  }
+  const T *__restrict r0 = r[0], *__restrict r1 = r[1], *__restrict r2 = r[2], *__restrict r3 = r[3];
+  T* __restrict out = buf;
+  for (int64_t i = 0; i < len; ++i) out[i] = w[0] * r0[i] + w[1] * r1[i] + w[2] * r2[i] + w[3] * r3[i];
   return buf;
 }
 
