@@ -82,6 +82,12 @@ def _resample_backward(grad_kt: Tensor, weight: Tensor, coef: Tensor, rows: Opti
 
 # ---------------------------------------------------------------- per-image convolution
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The tap-by-tap form keeps its running sums in float32 for the half types:
+    stored in half between taps they would be rounded to 8-11 bits nine times."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _kernels_outweigh_image(channels_per_group: int, geom: _args.Geometry) -> bool:
     return channels_per_group * geom.taps > geom.out_size[0] * geom.out_size[1]
 
@@ -137,7 +143,9 @@ def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor
     o = weight.shape[0]
     coef, rows = _coefficients(offset, weight, geom), _row_groups(weight, geom)
     if _kernels_outweigh_image(weight.shape[1], geom):
-        out = _tapwise_forward(input, weight, coef, rows, geom)
+        acc = _accumulation_dtype(input.dtype)
+        out = _tapwise_forward(input.to(acc), weight.to(acc), coef.to(acc), rows, geom)
+        out = out.to(input.dtype)
     else:
         out = F.conv2d(input.reshape(1, n * c, h, w),
                        _conv_kernels(_resample(weight, coef, rows), o, geom), None,
@@ -214,11 +222,17 @@ def backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Tensor,
         offset_leaf = offset.detach().requires_grad_(need_offset)
         coef = _coefficients(offset_leaf, weight, geom)
     rows = _row_groups(weight, geom)
-    form = _tapwise_backward if _kernels_outweigh_image(weight.shape[1], geom) \
-        else _conv_backward
-    grad_input, grad_weight, grad_coef = form(
-        grad_output, input, weight, coef.detach(), rows, geom,
-        (need_input, need_weight, need_offset))
+    wanted = (need_input, need_weight, need_offset)
+    if _kernels_outweigh_image(weight.shape[1], geom):
+        acc = _accumulation_dtype(input.dtype)
+        grads = _tapwise_backward(grad_output.to(acc), input.to(acc), weight.to(acc),
+                                  coef.detach().to(acc), rows, geom, wanted)
+        grad_input, grad_weight, grad_coef = (
+            None if g is None else g.to(like.dtype)
+            for g, like in zip(grads, (input, weight, coef)))
+    else:
+        grad_input, grad_weight, grad_coef = _conv_backward(
+            grad_output, input, weight, coef.detach(), rows, geom, wanted)
     grad_offset = None
     if need_offset:
         with autograd_enabled():
