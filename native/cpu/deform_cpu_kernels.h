@@ -374,8 +374,13 @@ ERFTOOL_ALWAYS_INLINE void depthwise_rows(const Ctx<T>& c, int64_t p0, int64_t p
             if (d.w[j] != T(0)) ++count, last = j;
           }
           if (count == 0) continue;
+          int kcount = 0, klast = 0;
+          for (int j = 0; j < 4; ++j)
+            if (k.w[j] != T(0)) ++kcount, klast = j;
           if (count == 1 && d.w[last] == T(1))  // a rigid tap: read the pixel in place
             fused_corner_axpy(len, T(1), d.row[last], k, o + sg.c0);
+          else if (kcount == 1 && k.w[klast] == T(1))  // a rigid kernel cell (DC)
+            fused_corner_axpy(len, T(1), k.row[klast], d, o + sg.c0);
           else
             fused_bilinear_product(len, k, d, o + sg.c0);
         }
