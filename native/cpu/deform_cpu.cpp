@@ -187,10 +187,11 @@ struct Chunk {
 // in cache between the column build and the GEMM).
 constexpr int64_t kBufferCapBytes = 24 << 20;
 // The forward GEMM consumes each chunk's columns right after they are built:
-// 4 MB chunks (in cache) ran the DK forward 15-30 % faster than 24 MB ones on
-// 56x56x64 and 14x14x256 (A/B against the previous build, three rounds). The
-// backward keeps the larger chunks (its fused pass wants many row blocks per
-// chunk), and so does the depthwise forward (no GEMM; smaller was slower).
+// with 4 MB chunks (in cache) instead of 24 MB the DK forward on 56x56x64 was
+// 12-40 % faster in 4 of 5 interleaved A/B rounds and 13 % slower in one, and
+// faster in both rounds on 14x14x256. The backward keeps the larger chunks
+// (its fused pass wants many row blocks per chunk), and so does the depthwise
+// forward (no GEMM; smaller chunks were slower there).
 constexpr int64_t kForwardGemmBufferCapBytes = 4 << 20;
 
 // Near-equal parts of [0, total), each at most `most` long.
@@ -235,8 +236,8 @@ int64_t max_positions(const std::vector<Chunk>& chunks, const Geometry& g) {
 
 // ------------------------------------------------------------ GEMM
 // Forward: oneDNN's 1x1 convolution over channels-last column rows, in fp32,
-// for rows of up to 2304 values per weight group: there it runs 1.0-1.35x
-// faster than at::mm. Above that it can fall off a cliff (3x slower than
+// for rows of up to 2304 values per weight group: there it ran 1.05-1.36x
+// faster than at::mm (five shapes). Above that it can fall off a cliff (3x slower than
 // at::mm for 256 outputs x 3072 or 4096 inputs, measured on a 2-core EPYC),
 // so long rows use at::mm; so does fp64, which has no oneDNN kernel.
 // ERFTOOL_CPU_GEMM=mm|conv overrides (for measurements).
@@ -263,9 +264,9 @@ at::Tensor gemm_forward(const at::Tensor& col, const at::Tensor& wp, int64_t gro
   return res.view({col.size(0), col.size(1), col.size(2), O}).permute({0, 3, 1, 2});
 }
 
-// G = grad_out W, (positions, S2*Cg*groups): at::mm took about half the time of
-// oneDNN's 1x1 convolution backward-data route (interleaved A/B, fp32), which
-// also needs a transposing copy.
+// G = grad_out W, (positions, S2*Cg*groups), by at::mm: 5.6 ms against 9.6 ms
+// for oneDNN's 1x1 convolution backward-data on one 56x56x64 scope-4 chunk in
+// isolation, and no transposing copy after it; within noise in a full backward.
 // gout: (nc, O, rows, Wo) channels-last; wp: (O, S2*Cg, 1, 1).
 at::Tensor gemm_column_grad(const at::Tensor& gout, const at::Tensor& wp, int64_t groups) {
   const int64_t O = wp.size(0), k = wp.size(1), Og = O / groups;
@@ -278,8 +279,8 @@ at::Tensor gemm_column_grad(const at::Tensor& gout, const at::Tensor& wp, int64_
 }
 
 // grad of wp += grad_out^T col, accumulated in place as (col^T grad_out)^T:
-// at::mm in this orientation matched or beat oneDNN's 1x1 convolution
-// backward-weights here (interleaved A/B, fp32), and needs no temporary.
+// at::mm in this orientation matched oneDNN's 1x1 convolution backward-weights
+// within noise (interleaved A/B, fp32), and needs no temporary.
 void gemm_weight_grad_add(const at::Tensor& gout, const at::Tensor& col, at::Tensor& gwp,
                           int64_t groups) {
   const int64_t O = gwp.size(0), k = gwp.size(1), Og = O / groups, L = col.size(3);

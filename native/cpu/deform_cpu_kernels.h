@@ -187,6 +187,40 @@ ERFTOOL_ALWAYS_INLINE void sample_tap(const Ctx<T>& c, int64_t n, int64_t y, int
   }
 }
 
+// The four corner rows of a bilinear sample (scope cells of a sampled weight,
+// or input pixels of a sampled tap), with absent corners pointing at a
+// stand-in row (zeros, or any present row) with weight 0, so one fused loop
+// needs no branches.
+template <typename T>
+struct CornerRows {
+  const T* row[4];
+  T w[4];
+};
+
+template <typename T>
+ERFTOOL_ALWAYS_INLINE CornerRows<T> corner_rows(const BilinearCorners<T>& k, const T* base,
+                                                int64_t stride, const T* zeros) {
+  CornerRows<T> r;
+  for (int i = 0; i < 4; ++i) {
+    const bool on = k.index[i] >= 0 && k.weight[i] != T(0);
+    r.row[i] = on ? base + k.index[i] * stride : zeros;
+    r.w[i] = on ? k.weight[i] : T(0);
+  }
+  return r;
+}
+
+// y[c] = a * sum_i w_i row_i[c] (kAdd: y[c] +=): one pass over the four rows.
+template <bool kAdd, typename T>
+ERFTOOL_ALWAYS_INLINE void corner_sum(int64_t n, T a, const CornerRows<T>& r, T* __restrict y) {
+  const T *__restrict r0 = r.row[0], *__restrict r1 = r.row[1];
+  const T *__restrict r2 = r.row[2], *__restrict r3 = r.row[3];
+  const T w0 = a * r.w[0], w1 = a * r.w[1], w2 = a * r.w[2], w3 = a * r.w[3];
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i];
+    y[i] = kAdd ? y[i] + v : v;
+  }
+}
+
 // m * (bilinear sample) of one tap over channels [c0, c0 + len). Points
 // straight into the input when the tap sits on one pixel with unit weight,
 // else fills buf; null when the tap reads nothing.
@@ -199,18 +233,8 @@ ERFTOOL_ALWAYS_INLINE const T* tap_values(const BilinearCorners<T>& d, T m, cons
   if (count == 0) return nullptr;
   const T* any = img + d.index[last] * C + c0;
   if (count == 1 && d.weight[last] * m == T(1)) return any;
-  // One pass over the four corners; absent ones re-read a present row with
-  // weight 0 (cached), so the loop has no branches and no zero fill.
-  const T* r[4];
-  T w[4];
-  for (int j = 0; j < 4; ++j) {
-    const bool on = d.index[j] >= 0 && d.weight[j] != T(0);
-    r[j] = on ? img + d.index[j] * C + c0 : any;
-    w[j] = on ? m * d.weight[j] : T(0);
-  }
-  const T *__restrict r0 = r[0], *__restrict r1 = r[1], *__restrict r2 = r[2], *__restrict r3 = r[3];
-  T* __restrict out = buf;
-  for (int64_t i = 0; i < len; ++i) out[i] = w[0] * r0[i] + w[1] * r1[i] + w[2] * r2[i] + w[3] * r3[i];
+  // Absent corners re-read a present row with weight 0: no zero fill.
+  corner_sum<false>(len, m, corner_rows(d, img + c0, C, any), buf);
   return buf;
 }
 
@@ -234,8 +258,9 @@ ERFTOOL_ALWAYS_INLINE void scale_into(int64_t n, T a, const T* __restrict x, T* 
 
 // Writes one column row cell by cell: the first contribution to a (segment,
 // scope cell) is stored, later ones added, and cells no tap reached are
-// zeroed at the end -- instead of zero-filling the whole row first, a pass
-// over S2 * C values per position that cost as much as the scatter itself.
+// zeroed at the end -- instead of zero-filling the whole row first, an extra
+// pass over S2 * C values per position (memset was ~5 % of a DK forward's
+// perf samples, half as many as the scatter itself).
 template <typename T>
 struct RowWriter {
   const Geometry* g;
@@ -301,26 +326,6 @@ ERFTOOL_ALWAYS_INLINE void build_rows(const Ctx<T>& c, int64_t p0, int64_t p1, T
       }
     w.finish();
   }
-}
-
-// The four scope-cell rows of a tap's sampled weight, with absent corners
-// pointing at a zero row, so one fused loop needs no branches.
-template <typename T>
-struct CornerRows {
-  const T* row[4];
-  T w[4];
-};
-
-template <typename T>
-ERFTOOL_ALWAYS_INLINE CornerRows<T> corner_rows(const BilinearCorners<T>& k, const T* base,
-                                                int64_t stride, const T* zeros) {
-  CornerRows<T> r;
-  for (int i = 0; i < 4; ++i) {
-    const bool on = k.index[i] >= 0 && k.weight[i] != T(0);
-    r.row[i] = on ? base + k.index[i] * stride : zeros;
-    r.w[i] = on ? k.weight[i] : T(0);
-  }
-  return r;
 }
 
 // y[c] += a * x[c] * (sum_i w_i row_i[c]): one pass over the four rows.
@@ -407,12 +412,7 @@ struct DenseGrad {
   ERFTOOL_ALWAYS_INLINE void tap_grad(int64_t p, const Segment& sg, int64_t cs, int64_t len,
                                       const BilinearCorners<T>& k, T scale, T* dst) const {
     const T* row = g + p * row_len + sg.colbase + (cs - sg.c0);
-    const CornerRows<T> r = corner_rows(k, row, ss, zeros);
-    const T w0 = scale * r.w[0], w1 = scale * r.w[1], w2 = scale * r.w[2], w3 = scale * r.w[3];
-    const T *__restrict r0 = r.row[0], *__restrict r1 = r.row[1];
-    const T *__restrict r2 = r.row[2], *__restrict r3 = r.row[3];
-    T* __restrict y = dst;
-    for (int64_t i = 0; i < len; ++i) y[i] += w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i];
+    corner_sum<true>(len, scale, corner_rows(k, row, ss, zeros), dst);
   }
 };
 
