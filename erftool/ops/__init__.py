@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _args, _custom_ops, reference
+from . import _args, _custom_ops, _global_kernel, reference
 from ._backend import BACKENDS, backend_info, requested as requested_backend, use_backend
 from .reference import scope_coefficients
 
@@ -86,4 +86,4 @@ def resample_kernel(weight: Tensor, offset: Tensor, kernel_size, offset_groups: 
                     groups: int = 1) -> Tensor:
     """Per-image kernels (N, C_out, C_in/groups, K_h, K_w) that a global
     Deformable Kernel with offsets (N, 2*G*K_h*K_w) applies."""
-    return reference.resample_kernel(weight, offset, kernel_size, offset_groups, groups)
+    return _global_kernel.resample_kernel(weight, offset, kernel_size, offset_groups, groups)

@@ -18,7 +18,6 @@ import os
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _args, _backend, _global_kernel, _native, reference

@@ -7,10 +7,11 @@ orientation BLAS runs fastest, with no transposing copy. The per-image
 convolution then takes one of two forms, chosen by which tensor is larger:
   * a grouped convolution with the batch folded into the groups, when the
     image outweighs its kernel (the common case: large maps, few channels);
-  * im2col + one batched matrix product per tap, straight from the tap-major
-    kernels, when the kernels outweigh the image (many channels on a small
+  * one batched matrix product per tap, of that tap's per-image kernels with
+    a strided window of the padded input (no im2col buffer, no full kernel
+    tensor), when the kernels outweigh the image (many channels on a small
     map, where a convolution library spends its time re-laying out N
-    different weight tensors).
+    different weight tensors); its running sums are float32 for half types.
 Forward and backward are written out by hand (no autograd graph over large
 tensors); only the tiny offset -> coefficient step goes through autograd.
 """
@@ -27,22 +28,19 @@ from . import _args, reference
 
 # ---------------------------------------------------------------- resampling
 
-def _coefficients(offset: Tensor, weight: Tensor, geom: _args.Geometry) -> Tensor:
+def _coefficients(offset: Tensor, kernel_size, scope, offset_groups: int) -> Tensor:
     """(N, G, K, S) bilinear weights with which each tap reads the scope."""
-    n, taps = offset.shape[0], geom.taps
+    taps = kernel_size[0] * kernel_size[1]
     return reference.scope_coefficients(
-        offset.reshape(n, geom.offset_groups, taps, 2), geom.kernel_size, tuple(weight.shape[2:]))
+        offset.reshape(offset.shape[0], offset_groups, taps, 2), kernel_size, scope)
 
 
-def _row_groups(weight: Tensor, geom: _args.Geometry) -> Optional[Tensor]:
+def _row_groups(weight: Tensor, groups: int, offset_groups: int) -> Optional[Tensor]:
     """Offset group of every kernel row m = (o, c), or None with one group."""
-    if geom.offset_groups == 1:
+    if offset_groups == 1:
         return None
     o, cg = weight.shape[:2]
-    device = weight.device
-    in_channel = (torch.arange(o, device=device) // (o // geom.groups)).view(o, 1) * cg \
-        + torch.arange(cg, device=device).view(1, cg)
-    return (in_channel // (geom.groups * cg // geom.offset_groups)).reshape(-1)
+    return reference.kernel_row_groups(o, cg, groups, offset_groups, weight.device).reshape(-1)
 
 
 def _resample(weight: Tensor, coef: Tensor, rows: Optional[Tensor]) -> Tensor:
@@ -53,6 +51,17 @@ def _resample(weight: Tensor, coef: Tensor, rows: Optional[Tensor]) -> Tensor:
     if rows is None:
         return every[:, 0]
     return every.gather(1, rows.view(1, 1, 1, -1).expand(n, 1, taps, -1))[:, 0]
+
+
+def resample_kernel(weight: Tensor, offset: Tensor, kernel_size, offset_groups: int = 1,
+                    groups: int = 1) -> Tensor:
+    """Per-image kernels (N, C_out, C_in/groups, K_h, K_w), differentiable by
+    autograd (reference.resample_kernel is the oracle it is tested against)."""
+    kernel_size = _args.pair("resample_kernel", "kernel_size", kernel_size, 1)
+    o, cg = weight.shape[:2]
+    coef = _coefficients(offset, kernel_size, tuple(weight.shape[2:]), offset_groups)
+    kt = _resample(weight, coef, _row_groups(weight, groups, offset_groups))
+    return kt.view(offset.shape[0], *kernel_size, o, cg).permute(0, 3, 4, 1, 2).contiguous()
 
 
 def _spread_to_groups(grad_kernels: Tensor, coef: Tensor, rows: Optional[Tensor]):
@@ -99,7 +108,7 @@ def _conv_kernels(kt: Tensor, o: int, geom: _args.Geometry) -> Tensor:
         n * o, -1, *geom.kernel_size)
 
 
-def _tap_windows(input: Tensor, geom: _args.Geometry):
+def _tap_windows(geom: _args.Geometry):
     """(tap, slicer) pairs: slicer(t) is the window of the padded tensor t that
     tap k reads for every output position, (N, C, H_out, W_out), strided."""
     (kh, kw), (sh, sw), (dh, dw) = geom.kernel_size, geom.stride, geom.dilation
@@ -129,7 +138,7 @@ def _tapwise_forward(input, weight, coef, rows, geom):
     n, o, gr = input.shape[0], weight.shape[0], geom.groups
     xp = _padded(input, geom)
     out = input.new_zeros(n, gr, o // gr, geom.out_size[0] * geom.out_size[1])
-    for k, window in _tap_windows(input, geom):
+    for k, window in _tap_windows(geom):
         kernels = _tap_kernels(weight, coef, rows, k, geom)
         values = window(xp).reshape(n, gr, -1, out.shape[-1])
         for gi in range(gr):
@@ -141,7 +150,8 @@ def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor
             geom: _args.Geometry) -> Tensor:
     n, c, h, w = input.shape
     o = weight.shape[0]
-    coef, rows = _coefficients(offset, weight, geom), _row_groups(weight, geom)
+    coef = _coefficients(offset, geom.kernel_size, tuple(weight.shape[2:]), geom.offset_groups)
+    rows = _row_groups(weight, geom.groups, geom.offset_groups)
     if _kernels_outweigh_image(weight.shape[1], geom):
         acc = _accumulation_dtype(input.dtype)
         out = _tapwise_forward(input.to(acc), weight.to(acc), coef.to(acc), rows, geom)
@@ -168,7 +178,7 @@ def _tapwise_backward(grad_output, input, weight, coef, rows, geom, needs):
     # grad of the scope weight, accumulated in place as (S, M) over the taps
     grad_weight_t = weight.new_zeros(s2, weight.numel() // s2) if need_weight else None
     grad_coef = torch.zeros_like(coef) if need_coef else None
-    for k, window in _tap_windows(input, geom):
+    for k, window in _tap_windows(geom):
         kernels = _tap_kernels(weight, coef, rows, k, geom)
         if need_input:
             target = window(grad_xp)
@@ -220,8 +230,9 @@ def backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Tensor,
     need_input, need_weight, need_offset = (bool(x) for x in needs[:3])
     with autograd_enabled():
         offset_leaf = offset.detach().requires_grad_(need_offset)
-        coef = _coefficients(offset_leaf, weight, geom)
-    rows = _row_groups(weight, geom)
+        coef = _coefficients(offset_leaf, geom.kernel_size, tuple(weight.shape[2:]),
+                             geom.offset_groups)
+    rows = _row_groups(weight, geom.groups, geom.offset_groups)
     wanted = (need_input, need_weight, need_offset)
     if _kernels_outweigh_image(weight.shape[1], geom):
         acc = _accumulation_dtype(input.dtype)

@@ -13,7 +13,7 @@ kernel scope (one-hot for a rigid kernel).
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -144,32 +144,31 @@ def deform_column_conv(
     return out
 
 
+def kernel_row_groups(out_channels: int, in_per_group: int, groups: int, offset_groups: int,
+                      device=None) -> torch.Tensor:
+    """(C_out, C_in/groups) offset group of every weight entry: entry (o, c) reads
+    input channel (o // (C_out/groups)) * C_in/groups + c, and input channel q
+    belongs to offset group q // (C_in / G)."""
+    o, cg = out_channels, in_per_group
+    in_channel = (torch.arange(o, device=device) // (o // groups)).view(o, 1) * cg \
+        + torch.arange(cg, device=device).view(1, cg)
+    return in_channel // (groups * cg // offset_groups)
+
+
 def resample_kernel(weight, offset, kernel_size, offset_groups: int = 1, groups: int = 1):
     """Per-image kernels of a global Deformable Kernel.
 
     weight (C_out, C_in/groups, S_h, S_w); offset (N, 2*G*K_h*K_w) ->
-    (N, C_out, C_in/groups, K_h, K_w). Input channel c belongs to offset group
-    c // (C_in / G); weight group q holds input channels [q*C_in/groups, ...).
+    (N, C_out, C_in/groups, K_h, K_w): kernel[n, o, c, t] = sum_s A[n, g(o, c), t, s]
+    W[o, c, s], written out directly (the oracle; erftool.ops.resample_kernel is
+    the fast version).
     """
     kh, kw = _args.pair("resample_kernel", "kernel_size", kernel_size, 1)
     o, cg, sh, sw = weight.shape
-    n, g, taps = offset.shape[0], offset_groups, kh * kw
-    coef = scope_coefficients(offset.reshape(n, g, taps, 2), (kh, kw), (sh, sw))
-    # One matrix product for every image and offset group at once:
-    # (O*Cg, S) @ (S, N*G*K). Indexing the coefficients per (C_out, C_in) pair
-    # instead would materialise an (N, O, Cg, K, S) tensor, costlier than the
-    # convolution that follows.
-    kernels = weight.reshape(o * cg, sh * sw).mm(coef.reshape(n * g * taps, sh * sw).t())
-    kernels = kernels.view(o * cg, n, g, taps)
-    if g == 1:
-        kernels = kernels[:, :, 0]
-    else:
-        device = weight.device
-        in_channel = (torch.arange(o, device=device) // (o // groups)).view(o, 1) * cg \
-            + torch.arange(cg, device=device).view(1, cg)
-        group_of = (in_channel // (groups * cg // g)).view(o * cg, 1, 1, 1)
-        kernels = kernels.gather(2, group_of.expand(o * cg, n, 1, taps))[:, :, 0]
-    kernels = kernels.permute(1, 0, 2)
+    n, g = offset.shape[0], offset_groups
+    coef = scope_coefficients(offset.reshape(n, g, kh * kw, 2), (kh, kw), (sh, sw))
+    group_of = kernel_row_groups(o, cg, groups, g, weight.device)
+    kernels = torch.einsum("nocks,ocs->nock", coef[:, group_of], weight.reshape(o, cg, sh * sw))
     return kernels.reshape(n, o, cg, kh, kw)
 
 
