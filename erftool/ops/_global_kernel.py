@@ -127,9 +127,15 @@ def _padded(input: Tensor, geom: _args.Geometry) -> Tensor:
 
 def _tap_kernels(weight: Tensor, coef: Tensor, rows: Optional[Tensor], k: int,
                  geom: _args.Geometry) -> Tensor:
-    """Tap k's per-image kernels as (N, groups, C_out/groups, C_in/groups)."""
+    """Tap k's per-image kernels as a batch of (N*groups) (C_out/groups, C_in/groups)."""
     n, o, gr = coef.shape[0], weight.shape[0], geom.groups
-    return _resample(weight, coef[:, :, k:k + 1], rows).view(n, gr, o // gr, -1)
+    return _resample(weight, coef[:, :, k:k + 1], rows).view(n * gr, o // gr, -1)
+
+
+def _tap_values(xp: Tensor, window, geom: _args.Geometry) -> Tensor:
+    """Tap values of every output position as a batch of (N*groups) (C_in/groups, L)."""
+    n, c = xp.shape[:2]
+    return window(xp).reshape(n * geom.groups, c // geom.groups, -1)
 
 
 def _tapwise_forward(input, weight, coef, rows, geom):
@@ -137,12 +143,9 @@ def _tapwise_forward(input, weight, coef, rows, geom):
     buffer and no full per-image kernel tensor."""
     n, o, gr = input.shape[0], weight.shape[0], geom.groups
     xp = _padded(input, geom)
-    out = input.new_zeros(n, gr, o // gr, geom.out_size[0] * geom.out_size[1])
+    out = input.new_zeros(n * gr, o // gr, geom.out_size[0] * geom.out_size[1])
     for k, window in _tap_windows(geom):
-        kernels = _tap_kernels(weight, coef, rows, k, geom)
-        values = window(xp).reshape(n, gr, -1, out.shape[-1])
-        for gi in range(gr):
-            out[:, gi].baddbmm_(kernels[:, gi], values[:, gi])
+        out.baddbmm_(_tap_kernels(weight, coef, rows, k, geom), _tap_values(xp, window, geom))
     return out
 
 
@@ -171,7 +174,7 @@ def _tapwise_backward(grad_output, input, weight, coef, rows, geom, needs):
     need_input, need_weight, need_coef = needs
     n, c, h, w = input.shape
     o, gr = weight.shape[0], geom.groups
-    grads = grad_output.reshape(n, gr, o // gr, -1)
+    grads = grad_output.reshape(n * gr, o // gr, -1)
     xp = _padded(input, geom)
     grad_xp = torch.zeros_like(xp) if need_input else None
     s2 = coef.shape[-1]
@@ -181,14 +184,10 @@ def _tapwise_backward(grad_output, input, weight, coef, rows, geom, needs):
     for k, window in _tap_windows(geom):
         kernels = _tap_kernels(weight, coef, rows, k, geom)
         if need_input:
-            target = window(grad_xp)
-            for gi in range(gr):
-                part = torch.bmm(kernels[:, gi].transpose(1, 2), grads[:, gi])
-                target[:, gi * c // gr:(gi + 1) * c // gr] += part.view(n, -1, *geom.out_size)
+            window(grad_xp).add_(torch.bmm(kernels.transpose(1, 2), grads).view(
+                n, c, *geom.out_size))
         if need_weight or need_coef:
-            values = window(xp).reshape(n, gr, c // gr, -1)
-            grad_kernels = torch.stack(
-                [torch.bmm(grads[:, gi], values[:, gi].transpose(1, 2)) for gi in range(gr)], 1)
+            grad_kernels = torch.bmm(grads, _tap_values(xp, window, geom).transpose(1, 2))
             grad_every, tap_coef = _spread_to_groups(grad_kernels.view(n, -1), coef[:, :, k], rows)
             if need_weight:
                 grad_weight_t.addmm_(tap_coef.t(), grad_every)
