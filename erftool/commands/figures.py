@@ -88,8 +88,10 @@ def default_bench_json() -> Path | None:
 
 
 PASS_TITLES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
-# Flat rows (bench_ops.py): time keys per pass.
+# Flat rows (bench_ops.py): time keys per pass, and the paired ratios (median of
+# per-repeat ratios to conv2d).
 ROW_KEYS = {"fwd": "fwd_ms", "fwd_bwd": "fwdbwd_ms"}
+PAIRED_KEYS = {"fwd": "paired_ratio_fwd", "fwd_bwd": "paired_ratio_fwdbwd"}
 
 
 def _nested_rows(data, keep):
@@ -102,13 +104,23 @@ def _nested_rows(data, keep):
                 yield str(r.get("shape", "?")), op, {k: entry.get(k) for k in PASS_TITLES}
 
 
-def _flat_rows(data):
-    """bench_ops.py layout: {"shape", "op", "backend", "fwd_ms", "fwdbwd_ms"} per row.
+def _flat_rows(data, keys=ROW_KEYS):
+    """bench_ops.py layout: {"shape", "op", "backend", "fwd_ms", "fwdbwd_ms", ...} per row.
     The pure-PyTorch reference rows are left out: the figure compares what runs."""
     for r in data:
-        if r.get("backend") == "reference" or "op" not in r:
+        if not isinstance(r, dict) or r.get("backend") == "reference" or "op" not in r:
             continue
-        yield str(r.get("shape", "?")), str(r["op"]), {k: r.get(v) for k, v in ROW_KEYS.items()}
+        yield str(r.get("shape", "?")), str(r["op"]), {k: r.get(v) for k, v in keys.items()}
+
+
+def _panels(rows) -> dict:
+    """(case, op, {pass: value}) rows -> {pass title: {case: {op: value}}}, numbers only."""
+    panels: dict[str, dict[str, dict[str, float]]] = {}
+    for case, op, values in rows:
+        for key, title in PASS_TITLES.items():
+            if isinstance(values.get(key), (int, float)):
+                panels.setdefault(title, {}).setdefault(case, {})[op] = float(values[key])
+    return panels
 
 
 def speed_panels(data) -> tuple[dict, str]:
@@ -127,11 +139,7 @@ def speed_panels(data) -> tuple[dict, str]:
     dtypes = [r.get("dtype") for r in data if r.get("dtype")]
     keep = "float32" if "float32" in dtypes else (dtypes[0] if dtypes else env.get("dtype"))
     rows = _nested_rows(data, keep) if any("ms" in r for r in data) else _flat_rows(data)
-    panels: dict[str, dict[str, dict[str, float]]] = {}
-    for case, op, times in rows:
-        for key, title in PASS_TITLES.items():
-            if isinstance(times.get(key), (int, float)):
-                panels.setdefault(title, {}).setdefault(case, {})[op] = float(times[key])
+    panels = _panels(rows)
     if not panels:
         raise ValueError("the benchmark results hold no timings")
     device = env.get("device") or env.get("cpu") or ""
@@ -142,23 +150,10 @@ def speed_panels(data) -> tuple[dict, str]:
     return panels, str(device)
 
 
-# Paired ratios (median of per-repeat ratios to conv2d) in bench_ops.py rows.
-PAIRED_KEYS = {"fwd": "paired_ratio_fwd", "fwd_bwd": "paired_ratio_fwdbwd"}
-
-
 def paired_ratio_panels(data) -> dict:
     """bench_ops.py JSON -> {pass title: {case: {op: paired ratio}}} (empty for other layouts)."""
     rows = data.get("rows", []) if isinstance(data, dict) else []
-    panels: dict[str, dict[str, dict[str, float]]] = {}
-    for r in rows:
-        if not isinstance(r, dict) or r.get("backend") == "reference" or "op" not in r:
-            continue
-        for key, title in PASS_TITLES.items():
-            value = r.get(PAIRED_KEYS[key])
-            if isinstance(value, (int, float)):
-                panels.setdefault(title, {}).setdefault(str(r.get("shape", "?")), {})[
-                    str(r["op"])] = float(value)
-    return panels
+    return _panels(_flat_rows(rows, PAIRED_KEYS))
 
 
 def figure_speed(bench_json):
