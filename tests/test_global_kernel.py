@@ -40,3 +40,37 @@ def test_fast_resample_kernel_matches_the_oracle_with_gradients(groups, offset_g
     for a, b in zip(torch.autograd.grad(fast, (w, off), probe),
                     torch.autograd.grad(oracle, (w, off), probe)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.fixture
+def small_column_blocks(monkeypatch):
+    """Kernels wider than one column block of the weight-space products."""
+    monkeypatch.setattr(_global_kernel, "_COLUMN_BLOCK", 5)
+
+
+@pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 2)])
+def test_column_blocked_resampling_matches_the_oracle(small_column_blocks, groups,
+                                                      offset_groups):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 12 // groups, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    off = torch.randn(3, 2 * offset_groups * 9, dtype=torch.float64,
+                      generator=g).requires_grad_(True)
+    assert w.shape[0] * w.shape[1] > _global_kernel._COLUMN_BLOCK
+    fast = ops.resample_kernel(w, off, 3, offset_groups, groups)  # the autograd form
+    oracle = reference.resample_kernel(w, off, 3, offset_groups, groups)
+    torch.testing.assert_close(fast, oracle, rtol=0, atol=1e-12)
+    probe = torch.randn(oracle.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad(fast, (w, off), probe),
+                    torch.autograd.grad(oracle, (w, off), probe)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # the operator (no autograd inside: the blocks are written in place), both forms
+    for size in (3, 12):
+        x = torch.randn(3, 12, size, size, dtype=torch.float64, generator=g, requires_grad=True)
+        kwargs = dict(kernel_size=3, padding=1, groups=groups, offset_groups=offset_groups)
+        got = ops.deform_kernel2d(x, w, off, **kwargs)
+        want = ops.deform_kernel2d(x, w, off, backend="reference", **kwargs)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+        probe = torch.randn(want.shape, dtype=torch.float64, generator=g)
+        for a, b in zip(torch.autograd.grad(got, (x, w, off), probe),
+                        torch.autograd.grad(want, (x, w, off), probe)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
