@@ -267,15 +267,17 @@ at::Tensor gemm_forward(const at::Tensor& col, const at::Tensor& wp, int64_t gro
 // G = grad_out W, (positions, S2*Cg*groups), by at::mm: 5.6 ms against 9.6 ms
 // for oneDNN's 1x1 convolution backward-data on one 56x56x64 scope-4 chunk in
 // isolation, and no transposing copy after it; within noise in a full backward.
-// gout: (nc, O, rows, Wo) channels-last; wp: (O, S2*Cg, 1, 1).
-at::Tensor gemm_column_grad(const at::Tensor& gout, const at::Tensor& wp, int64_t groups) {
+// Written into `out`, one buffer for every chunk of a call: a fresh product per
+// chunk was page-faulted in again whenever the allocator had handed it back.
+// gout: (nc, O, rows, Wo) channels-last; wp: (O, S2*Cg, 1, 1); out: (positions, S2*C).
+void gemm_column_grad(const at::Tensor& gout, const at::Tensor& wp, int64_t groups,
+                      at::Tensor out) {
   const int64_t O = wp.size(0), k = wp.size(1), Og = O / groups;
   const at::Tensor gm = gout.permute({0, 2, 3, 1}).reshape({-1, O}), w2 = wp.view({O, k});
-  if (groups == 1) return at::mm(gm, w2);
-  std::vector<at::Tensor> parts;
-  for (int64_t gi = 0; gi < groups; ++gi)
-    parts.push_back(at::mm(gm.narrow(1, gi * Og, Og), w2.narrow(0, gi * Og, Og)));
-  return at::cat(parts, 1);
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    at::Tensor part = out.narrow(1, gi * k, k);
+    at::mm_out(part, gm.narrow(1, gi * Og, Og), w2.narrow(0, gi * Og, Og));
+  }
 }
 
 // grad of wp += grad_out^T col, accumulated in place as (col^T grad_out)^T:
@@ -548,6 +550,8 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
   const at::Tensor wp =
       w.reshape({g.O, g.Cg, g.S2}).permute({0, 2, 1}).reshape({g.O, g.S2 * g.Cg, 1, 1}).contiguous();
   at::Tensor col = at::empty({max_positions(chunks, g), L}, grad_out.options());
+  at::Tensor gbuf;
+  if (need.any_g()) gbuf = at::empty({max_positions(chunks, g), L}, grad_out.options());
   at::Tensor gwp = need.weight ? at::zeros_like(wp) : at::Tensor();
   const std::vector<T> zeros(g.Cg, T(0));
   for (const Chunk& ch : chunks) {
@@ -557,9 +561,8 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
     const at::Tensor gout = chunk_view(grad_out, ch).contiguous(at::MemoryFormat::ChannelsLast);
     // G = W^T grad_out first: it does not need the columns, so the column
     // rebuild shares one pass with the offset gradients.
-    at::Tensor gcol;
-    if (need.any_g()) gcol = gemm_column_grad(gout, wp, g.groups);
-    const DenseGrad<T> gr{need.any_g() ? gcol.data_ptr<T>() : nullptr, L, g.sstride(),
+    if (need.any_g()) gemm_column_grad(gout, wp, g.groups, gbuf.narrow(0, 0, P));
+    const DenseGrad<T> gr{need.any_g() ? gbuf.data_ptr<T>() : nullptr, L, g.sstride(),
                           zeros.data()};
     PassOutputs<T> po;
     po.col = need.weight ? col.data_ptr<T>() : nullptr;
