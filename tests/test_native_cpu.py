@@ -205,6 +205,26 @@ def test_float32_gemm_path_matches_float64():
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("chunk", [DEFAULT_CHUNK, 1], ids=["whole", "row_bands"])
+@pytest.mark.parametrize("cfg", [config(C=20, O=12, H=11, W=13, doff=True, mask=True),
+                                 config(C=20, O=20, groups=20, H=11, W=13, G=2)],
+                         ids=["general", "depthwise"])
+def test_float32_channels_last_copies_match_float64(cfg, chunk):
+    # float32 moves between NCHW and channels-last rows by 8 x 8 register
+    # transposes (ragged edges element-wise): 20 channels and 11 x 13 maps
+    # give both, whole images and single-row bands.
+    t64 = make(cfg, seed=3)
+    t32 = {k: v.float() for k, v in t64.items()}
+    grad = torch.randn(cfg["N"], cfg["O"], *out_size(cfg), dtype=torch.float64)
+    torch.testing.assert_close(native_forward(t32, cfg, chunk).double(),
+                               native_forward(t64, cfg, chunk), rtol=1e-4, atol=1e-4)
+    for a, b in zip(native_backward(grad.float(), t32, cfg, chunk),
+                    native_backward(grad, t64, cfg, chunk)):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
+
+
 def test_depthwise_results_do_not_depend_on_thread_count():
     # The depthwise path has no GEMM: every reduction order is fixed by the
     # kernels, so the results are bitwise identical whatever the threads.

@@ -53,9 +53,8 @@ def _cpu_tag() -> str:
 
 def _build_dir(sources: List[Path], flags: List[str]) -> Path:
     digest = hashlib.sha256()
-    for path in sources + sorted((NATIVE_DIR / "include").rglob("*.h")) + sorted(
-        (NATIVE_DIR / "cuda").glob("*.cuh")
-    ):
+    headers = sorted(NATIVE_DIR.rglob("*.h")) + sorted(NATIVE_DIR.rglob("*.cuh"))
+    for path in sources + headers:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     for item in flags + [torch.__version__, sys.version, _cpu_tag()]:

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "deform_cpu_kernels.h"
+#include "layout_cpu.h"
 
 namespace erftool {
 namespace cpu {
@@ -331,7 +332,7 @@ Tensors<T> make_tensors(const Geometry& g, const at::Tensor& input, const at::Te
                         const c10::optional<at::Tensor>& doff,
                         const c10::optional<at::Tensor>& mask) {
   Tensors<T> t;
-  t.x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  t.x = input.is_contiguous(at::MemoryFormat::ChannelsLast) ? input : to_channels_last(input);
   t.koff = contiguous_or_none(koff);
   t.doff = contiguous_or_none(doff);
   t.mask = contiguous_or_none(mask);
@@ -402,10 +403,7 @@ at::Tensor chunk_view(const at::Tensor& t, const Chunk& ch) {
   return t.narrow(0, ch.n0, ch.nc).narrow(2, ch.y0, ch.rows);
 }
 
-// (nc, rows, Wo, X) buffer as an (nc, X, rows, Wo) tensor.
-at::Tensor as_nchw(const at::Tensor& buf, const Chunk& ch, const Geometry& g) {
-  return buf.narrow(0, 0, ch.positions(g)).view({ch.nc, ch.rows, g.Wo, -1}).permute({0, 3, 1, 2});
-}
+RowBand band(const Chunk& ch) { return {ch.n0, ch.nc, ch.y0, ch.rows}; }
 
 // ------------------------------------------------------------ forward
 
@@ -432,10 +430,14 @@ void forward_impl(const Geometry& g, const Tensors<T>& t, const at::Tensor& w,
         build_rows_isa<T>(c, b, e, bp);
     });
     if (g.depthwise) {
-      chunk_view(out, ch).copy_(as_nchw(buf, ch, g));
+      rows_to_band(buf, band(ch), out);
     } else {
       const at::Tensor col = buf.narrow(0, 0, ch.positions(g)).view({ch.nc, ch.rows, g.Wo, width});
-      chunk_view(out, ch).copy_(gemm_forward(col, wp, g.groups));
+      const at::Tensor res = gemm_forward(col, wp, g.groups);
+      if (res.is_contiguous(at::MemoryFormat::ChannelsLast))
+        rows_to_band(res, band(ch), out);
+      else
+        chunk_view(out, ch).copy_(res);
     }
   }
 }
@@ -558,7 +560,7 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
     const Ctx<T> c = make_ctx(g, segs, t, ch);
     const int64_t P = ch.positions(g);
     const at::Tensor colv = col.narrow(0, 0, P).view({ch.nc, ch.rows, g.Wo, L});
-    const at::Tensor gout = chunk_view(grad_out, ch).contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor gout = band_to_channels_last(grad_out, band(ch));
     // G = W^T grad_out first: it does not need the columns, so the column
     // rebuild shares one pass with the offset gradients.
     if (need.any_g()) gemm_column_grad(gout, wp, g.groups, gbuf.narrow(0, 0, P));
@@ -587,7 +589,7 @@ at::Tensor backward_depthwise(const Geometry& g, const Tensors<T>& t, const at::
   const std::vector<T> zeros(g.C, T(0));
   for (const Chunk& ch : chunks) {
     const Ctx<T> c = make_ctx(g, segs, t, ch);
-    const at::Tensor gcl = chunk_view(grad_out, ch).permute({0, 2, 3, 1}).contiguous();
+    const at::Tensor gcl = band_to_channels_last(grad_out, band(ch));
     const DepthwiseGrad<T> gr{gcl.data_ptr<T>(), c.wt, g.C, zeros.data()};
     // Weight-gradient partial sums per row block, reduced in order: the result
     // does not depend on the thread count.
@@ -654,7 +656,7 @@ GradTuple deform_backward_cpu(const at::Tensor& grad_out_, const at::Tensor& inp
                          ? backward_depthwise<scalar_t>(g, t, grad_out, chunk_bytes, need, out)
                          : backward_general<scalar_t>(g, t, w, grad_out, chunk_bytes, need, out);
     if (need.weight) gw = scope_weight_grad(gwk, coeffs, weight);
-    if (need.input) gi = out.input_cl.permute({0, 3, 1, 2}).contiguous();
+    if (need.input) gi = nhwc_to_nchw(out.input_cl);
   });
   return {gi, gw, gk, gd, gm};
 }
