@@ -1,16 +1,17 @@
 """Global Deformable Kernel without data offsets: resample the kernel once per
 image, then convolve each image with its own kernel.
 
-The resampled kernels are built tap-major, kt[n, k, m] with m = (C_out,
-C_in/groups) flattened: one matrix product (N*G*K, S) @ (S, M) in the
-orientation BLAS runs fastest, with no transposing copy. The per-image
-convolution then takes one of two forms, chosen by which tensor is larger:
+The resampled kernels are drawn from the scope by one matrix product (rows:
+the (image, tap, offset group) coefficient sets, in whichever order the
+consumer wants; columns: m = (C_out, C_in/groups)), in column blocks on CPU.
+The per-image convolution then takes one of two forms, chosen by which
+tensor is larger:
   * a grouped convolution with the batch folded into the groups, when the
     image outweighs its kernel (the common case: large maps, few channels);
-  * one batched matrix product per tap, of that tap's per-image kernels with
-    a strided window of the padded input (no im2col buffer, no full kernel
-    tensor), when the kernels outweigh the image (many channels on a small
-    map, where a convolution library spends its time re-laying out N
+  * one batched matrix product per tap, of that tap's per-image kernels
+    (tap-major, contiguous per tap) with a strided window of the padded input
+    (no im2col buffer), when the kernels outweigh the image (many channels on
+    a small map, where a convolution library spends its time re-laying out N
     different weight tensors); its running sums are float32 for half types.
 Forward and backward are written out by hand (no autograd graph over large
 tensors); only the tiny offset -> coefficient step goes through autograd.
@@ -207,13 +208,12 @@ def _tapwise_backward(grad_output, input, weight, coef, rows, geom, needs):
         if need_input:
             window(grad_xp).add_(torch.bmm(kernels[k].transpose(1, 2), grads).view(
                 n, c, *geom.out_size))
-        if need_kernels:
+        if need_kernels:  # tap k's kernels are not read again: overwrite them
             torch.bmm(grads, _tap_values(xp, window, geom).transpose(1, 2), out=kernels[k])
-    grad_kernels = kernels
     grad_weight = grad_coef = None
-    if need_kernels:
+    if need_kernels:  # `kernels` now holds the kernel gradients
         grad_weight, grad_coef = _resample_backward(
-            grad_kernels.view(geom.taps, n, -1), weight, coef.permute(2, 0, 1, 3), rows,
+            kernels.view(geom.taps, n, -1), weight, coef.permute(2, 0, 1, 3), rows,
             need_weight, need_coef)
         if need_coef:
             grad_coef = grad_coef.permute(1, 2, 0, 3)

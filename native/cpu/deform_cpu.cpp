@@ -177,8 +177,8 @@ at::Tensor scope_weight_grad(const at::Tensor& grad_wt, const at::Tensor& coeffs
 
 // ------------------------------------------------------------ chunking
 
-struct Chunk {
-  int64_t n0, nc, y0, rows;
+// Output rows [y0, y0 + rows) of images [n0, n0 + nc) (RowBand, layout_cpu.h).
+struct Chunk : RowBand {
   int64_t positions(const Geometry& g) const { return nc * rows * g.Wo; }
 };
 
@@ -220,11 +220,11 @@ std::vector<Chunk> plan_chunks(const Geometry& g, int64_t bytes_per_position,
   const int64_t per_image = g.Ho * g.Wo;
   if (per_image <= budget) {
     for (const auto& part : split(g.N, budget / per_image))
-      out.push_back({part.first, part.second, 0, g.Ho});
+      out.push_back(Chunk{{part.first, part.second, 0, g.Ho}});
   } else {
     const auto rows = split(g.Ho, std::max<int64_t>(1, budget / g.Wo));
     for (int64_t n = 0; n < g.N; ++n)
-      for (const auto& part : rows) out.push_back({n, 1, part.first, part.second});
+      for (const auto& part : rows) out.push_back(Chunk{{n, 1, part.first, part.second}});
   }
   return out;
 }
@@ -403,8 +403,6 @@ at::Tensor chunk_view(const at::Tensor& t, const Chunk& ch) {
   return t.narrow(0, ch.n0, ch.nc).narrow(2, ch.y0, ch.rows);
 }
 
-RowBand band(const Chunk& ch) { return {ch.n0, ch.nc, ch.y0, ch.rows}; }
-
 // ------------------------------------------------------------ forward
 
 template <typename T>
@@ -430,12 +428,13 @@ void forward_impl(const Geometry& g, const Tensors<T>& t, const at::Tensor& w,
         build_rows_isa<T>(c, b, e, bp);
     });
     if (g.depthwise) {
-      rows_to_band(buf, band(ch), out);
+      rows_to_band(buf, ch, out);
     } else {
       const at::Tensor col = buf.narrow(0, 0, ch.positions(g)).view({ch.nc, ch.rows, g.Wo, width});
       const at::Tensor res = gemm_forward(col, wp, g.groups);
+      // position-major rows unless oneDNN chose another output layout
       if (res.is_contiguous(at::MemoryFormat::ChannelsLast))
-        rows_to_band(res, band(ch), out);
+        rows_to_band(res, ch, out);
       else
         chunk_view(out, ch).copy_(res);
     }
@@ -560,7 +559,7 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
     const Ctx<T> c = make_ctx(g, segs, t, ch);
     const int64_t P = ch.positions(g);
     const at::Tensor colv = col.narrow(0, 0, P).view({ch.nc, ch.rows, g.Wo, L});
-    const at::Tensor gout = band_to_channels_last(grad_out, band(ch));
+    const at::Tensor gout = band_to_channels_last(grad_out, ch);
     // G = W^T grad_out first: it does not need the columns, so the column
     // rebuild shares one pass with the offset gradients.
     if (need.any_g()) gemm_column_grad(gout, wp, g.groups, gbuf.narrow(0, 0, P));
@@ -589,7 +588,7 @@ at::Tensor backward_depthwise(const Geometry& g, const Tensors<T>& t, const at::
   const std::vector<T> zeros(g.C, T(0));
   for (const Chunk& ch : chunks) {
     const Ctx<T> c = make_ctx(g, segs, t, ch);
-    const at::Tensor gcl = band_to_channels_last(grad_out, band(ch));
+    const at::Tensor gcl = band_to_channels_last(grad_out, ch);
     const DepthwiseGrad<T> gr{gcl.data_ptr<T>(), c.wt, g.C, zeros.data()};
     // Weight-gradient partial sums per row block, reduced in order: the result
     // does not depend on the thread count.

@@ -104,6 +104,7 @@ struct RowBand {
 
 // The band of contiguous NCHW `nchw` as a channels-last (nc, C, rows, W) tensor.
 inline at::Tensor band_to_channels_last(const at::Tensor& nchw, const RowBand& b) {
+  TORCH_INTERNAL_ASSERT(nchw.is_contiguous());
   const int64_t C = nchw.size(1), H = nchw.size(2), W = nchw.size(3);
   at::Tensor out = at::empty({b.nc, C, b.rows, W}, nchw.options().memory_format(
                                                        at::MemoryFormat::ChannelsLast));
@@ -123,6 +124,7 @@ inline at::Tensor to_channels_last(const at::Tensor& nchw) {
 // Position-major rows (nc * rows * W, C) written into the band of contiguous
 // NCHW `out`.
 inline void rows_to_band(const at::Tensor& rows_buf, const RowBand& b, at::Tensor& out) {
+  TORCH_INTERNAL_ASSERT(out.is_contiguous());
   const int64_t C = out.size(1), H = out.size(2), W = out.size(3);
   if (b.nc * b.rows * W * C == 0) return;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "erftool_rows_to_band", [&] {
