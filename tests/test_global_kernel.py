@@ -43,19 +43,19 @@ def test_fast_resample_kernel_matches_the_oracle_with_gradients(groups, offset_g
 
 
 @pytest.fixture
-def small_column_blocks(monkeypatch):
-    """Kernels wider than one column block of the weight-space products."""
-    monkeypatch.setattr(_global_kernel, "_COLUMN_BLOCK", 5)
+def small_row_blocks(monkeypatch):
+    """More coefficient rows than one row block of the weight-space products."""
+    monkeypatch.setattr(_global_kernel, "_ROW_BLOCK", 2)
 
 
 @pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 2)])
-def test_column_blocked_resampling_matches_the_oracle(small_column_blocks, groups,
+def test_row_blocked_resampling_matches_the_oracle(small_row_blocks, groups,
                                                       offset_groups):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(6, 12 // groups, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
     off = torch.randn(3, 2 * offset_groups * 9, dtype=torch.float64,
                       generator=g).requires_grad_(True)
-    assert w.shape[0] * w.shape[1] > _global_kernel._COLUMN_BLOCK
+    assert off.shape[0] * offset_groups > _global_kernel._ROW_BLOCK  # rows of one tap's product
     fast = ops.resample_kernel(w, off, 3, offset_groups, groups)  # the autograd form
     oracle = reference.resample_kernel(w, off, 3, offset_groups, groups)
     torch.testing.assert_close(fast, oracle, rtol=0, atol=1e-12)
@@ -74,3 +74,29 @@ def test_column_blocked_resampling_matches_the_oracle(small_column_blocks, group
         for a, b in zip(torch.autograd.grad(got, (x, w, off), probe),
                         torch.autograd.grad(want, (x, w, off), probe)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("images_per_chunk", [1, 2])
+@pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 2)])
+def test_tapwise_form_by_image_chunks_matches_the_oracle(monkeypatch, images_per_chunk, groups,
+                                                         offset_groups):
+    # 3 images in chunks of 1 or 2 (an uneven last chunk): every chunk's output,
+    # input, coefficient and weight gradients must land in the right place.
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 12 // groups, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    geom = _args.Geometry((3, 3), (1, 1), (1, 1), (1, 1), groups, offset_groups, 1, (3, 3))
+    assert _global_kernel._kernels_outweigh_image(w.shape[1], geom)  # the tap-by-tap form
+    per_image = w.shape[0] * w.shape[1] * geom.taps * w.element_size() * offset_groups
+    monkeypatch.setattr(_global_kernel, "_KERNEL_CHUNK_BYTES", images_per_chunk * per_image)
+    assert len(_global_kernel._image_chunks(3, w, geom)) == -(-3 // images_per_chunk)
+    off = torch.randn(3, 2 * offset_groups * 9, dtype=torch.float64,
+                      generator=g).requires_grad_(True)
+    x = torch.randn(3, 12, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    kwargs = dict(kernel_size=3, padding=1, groups=groups, offset_groups=offset_groups)
+    got = ops.deform_kernel2d(x, w, off, **kwargs)
+    want = ops.deform_kernel2d(x, w, off, backend="reference", **kwargs)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    probe = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad(got, (x, w, off), probe),
+                    torch.autograd.grad(want, (x, w, off), probe)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

@@ -1,18 +1,18 @@
 """Global Deformable Kernel without data offsets: resample the kernel once per
 image, then convolve each image with its own kernel.
 
-The resampled kernels are drawn from the scope by one matrix product (rows:
-the (image, tap, offset group) coefficient sets, in whichever order the
-consumer wants; columns: m = (C_out, C_in/groups)), in column blocks on CPU.
-The per-image convolution then takes one of two forms, chosen by which
-tensor is larger:
+The resampled kernels are drawn from the scope by a matrix product (rows:
+the (image, tap, offset group) coefficient sets; columns: m = (C_out,
+C_in/groups)), in row blocks on CPU. The per-image convolution then takes
+one of two forms, chosen by which tensor is larger:
   * a grouped convolution with the batch folded into the groups, when the
     image outweighs its kernel (the common case: large maps, few channels);
   * one batched matrix product per tap, of that tap's per-image kernels
-    (tap-major, contiguous per tap) with a strided window of the padded input
-    (no im2col buffer), when the kernels outweigh the image (many channels on
-    a small map, where a convolution library spends its time re-laying out N
-    different weight tensors); its running sums are float32 for half types.
+    (drawn just before, one tap at a time) with a strided window of the
+    padded input (no im2col buffer), when the kernels outweigh the image
+    (many channels on a small map, where a convolution library spends its
+    time re-laying out N different weight tensors); its running sums are
+    float32 for half types.
 Forward and backward are written out by hand (no autograd graph over large
 tensors); only the tiny offset -> coefficient step goes through autograd.
 """
@@ -44,23 +44,24 @@ def _row_groups(weight: Tensor, groups: int, offset_groups: int) -> Optional[Ten
     return reference.kernel_row_groups(o, cg, groups, offset_groups, weight.device).reshape(-1)
 
 
-# On CPU, MKL's sgemm runs a product with few rows and a short inner
-# dimension, (72, 16) @ (16, 65536), 2.5-3.5x slower whole (12-17 ms) than in
-# column blocks of 8192 (4.8 ms; 2-core EPYC, fp32).
-_COLUMN_BLOCK = 8192
+# On CPU, MKL's sgemm slows down sharply with the number of rows of a product
+# with a short inner dimension: (B, 16) @ (16, 65536) took 0.45 ms for B = 8,
+# 7.8 ms for B = 72 and 31 ms for B = 256 whole, 3.9 and 12.6 ms in blocks of
+# 16 rows (2-core EPYC, fp32, output preallocated).
+_ROW_BLOCK = 16
 
 
 def _times_weight(coef: Tensor, weight: Tensor) -> Tensor:
-    """coef (B, S) @ weight (M, S)^T -> (B, M), by column blocks on CPU."""
-    m = weight.shape[0]
-    if not coef.is_cpu or m <= _COLUMN_BLOCK:
+    """coef (B, S) @ weight (M, S)^T -> (B, M), by row blocks on CPU."""
+    b = coef.shape[0]
+    if not coef.is_cpu or b <= _ROW_BLOCK:
         return coef.mm(weight.t())
-    starts = range(0, m, _COLUMN_BLOCK)
+    starts = range(0, b, _ROW_BLOCK)
     if torch.is_grad_enabled() and (coef.requires_grad or weight.requires_grad):
-        return torch.cat([coef.mm(weight[i:i + _COLUMN_BLOCK].t()) for i in starts], 1)
-    out = coef.new_empty(coef.shape[0], m)
+        return torch.cat([coef[i:i + _ROW_BLOCK].mm(weight.t()) for i in starts], 0)
+    out = coef.new_empty(b, weight.shape[0])
     for i in starts:
-        torch.mm(coef, weight[i:i + _COLUMN_BLOCK].t(), out=out[:, i:i + _COLUMN_BLOCK])
+        torch.mm(coef[i:i + _ROW_BLOCK], weight.t(), out=out[i:i + _ROW_BLOCK])
     return out
 
 
@@ -88,22 +89,25 @@ def resample_kernel(weight: Tensor, offset: Tensor, kernel_size, offset_groups: 
 
 
 def _resample_backward(grad_kernels: Tensor, weight: Tensor, coef: Tensor,
-                       rows: Optional[Tensor], need_weight: bool,
-                       need_coef: bool) -> Tuple[Optional[Tensor], ...]:
-    """Gradients (weight, coef) of _resample from that of its output (..., M)."""
+                       rows: Optional[Tensor], grad_weight: Optional[Tensor],
+                       need_coef: bool) -> Optional[Tensor]:
+    """Backward of _resample from the gradient of its output (..., M): adds the
+    scope-weight gradient into grad_weight (when given) and returns the
+    coefficient gradient (when needed)."""
     *lead, g, s2 = coef.shape
     grad = grad_kernels.reshape(-1, grad_kernels.shape[-1])
     if rows is not None:  # every group's candidates, zero where a row is another group's
         grad = grad.new_zeros(grad.shape[0], g, grad.shape[1]).scatter_(
             1, rows.view(1, 1, -1).expand(grad.shape[0], 1, -1), grad.unsqueeze(1))
     grad = grad.reshape(-1, grad_kernels.shape[-1])
-    flat_coef = coef.reshape(-1, s2)
-    grad_weight = grad_coef = None
-    if need_weight:
-        grad_weight = grad.t().mm(flat_coef).view_as(weight)
+    if grad_weight is not None:  # by row blocks, as in _times_weight
+        flat_coef = coef.reshape(-1, s2)
+        step = _ROW_BLOCK if grad.is_cpu else grad.shape[0]
+        for i in range(0, grad.shape[0], step):
+            grad_weight.view(-1, s2).addmm_(grad[i:i + step].t(), flat_coef[i:i + step])
     if need_coef:
-        grad_coef = grad.mm(weight.reshape(-1, s2)).view(coef.shape)
-    return grad_weight, grad_coef
+        return grad.mm(weight.reshape(-1, s2)).view(coef.shape)
+    return None
 
 
 # ---------------------------------------------------------------- per-image convolution
@@ -157,15 +161,30 @@ def _tap_values(xp: Tensor, window, geom: _args.Geometry) -> Tensor:
     return window(xp).reshape(n * geom.groups, c // geom.groups, -1)
 
 
+# The tap-by-tap form holds every tap's kernels of a chunk of images at once
+# (N*K*C_out*C_in/groups values: 19 MB for 8 images of 256 channels); chunks
+# of images keep that buffer under this many bytes whatever the batch.
+_KERNEL_CHUNK_BYTES = 64 << 20
+
+
+def _image_chunks(n: int, weight: Tensor, geom: _args.Geometry):
+    per_image = weight.numel() // (weight.shape[2] * weight.shape[3]) * geom.taps \
+        * weight.element_size() * geom.offset_groups  # _resample's every-group candidates
+    step = max(1, _KERNEL_CHUNK_BYTES // per_image)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def _tapwise_forward(input, weight, coef, rows, geom):
-    """sum over taps of (per-image tap kernel) @ (input window): no im2col
-    buffer."""
+    """sum over taps of (per-image tap kernel) @ (input window), by chunks of
+    images: no im2col buffer."""
     n, o, gr = input.shape[0], weight.shape[0], geom.groups
     xp = _padded(input, geom)
-    kernels = _tap_major_kernels(weight, coef, rows, geom)
-    out = input.new_zeros(n * gr, o // gr, geom.out_size[0] * geom.out_size[1])
-    for k, window in _tap_windows(geom):
-        out.baddbmm_(kernels[k], _tap_values(xp, window, geom))
+    out = input.new_zeros(n, o, geom.out_size[0] * geom.out_size[1])
+    for images in _image_chunks(n, weight, geom):
+        kernels = _tap_major_kernels(weight, coef[images], rows, geom)
+        part, part_xp = out[images].view(-1, o // gr, out.shape[-1]), xp[images]
+        for k, window in _tap_windows(geom):
+            part.baddbmm_(kernels[k], _tap_values(part_xp, window, geom))
     return out
 
 
@@ -190,33 +209,36 @@ def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor
 
 
 def _tapwise_backward(grad_output, input, weight, coef, rows, geom, needs):
-    """(grad_input, grad_weight, grad_coef) of _tapwise_forward: two batched
-    products per tap. Each tap's kernel gradient overwrites that tap's
-    kernels once they have served the input gradient (one buffer the size of
-    the kernels: a second one made the allocator hand memory back to the
-    system and page-fault it in again on every call); the scope weight and
-    coefficient gradients then take one pass over the weight each."""
+    """(grad_input, grad_weight, grad_coef) of _tapwise_forward, by chunks of
+    images: two batched products per tap. Each tap's kernel gradient
+    overwrites that tap's kernels once they have served the input gradient
+    (one buffer the size of the kernels: a second one made the allocator hand
+    memory back to the system and page-fault it in again on every call); the
+    scope-weight and coefficient gradients then take one pass over it."""
     need_input, need_weight, need_coef = needs
     n, c, h, w = input.shape
     o, gr = weight.shape[0], geom.groups
-    grads = grad_output.reshape(n * gr, o // gr, -1)
     xp = _padded(input, geom)
     grad_xp = torch.zeros_like(xp) if need_input else None
-    kernels = _tap_major_kernels(weight, coef, rows, geom)
-    need_kernels = need_weight or need_coef
-    for k, window in _tap_windows(geom):
-        if need_input:
-            window(grad_xp).add_(torch.bmm(kernels[k].transpose(1, 2), grads).view(
-                n, c, *geom.out_size))
-        if need_kernels:  # tap k's kernels are not read again: overwrite them
-            torch.bmm(grads, _tap_values(xp, window, geom).transpose(1, 2), out=kernels[k])
-    grad_weight = grad_coef = None
-    if need_kernels:  # `kernels` now holds the kernel gradients
-        grad_weight, grad_coef = _resample_backward(
-            kernels.view(geom.taps, n, -1), weight, coef.permute(2, 0, 1, 3), rows,
-            need_weight, need_coef)
-        if need_coef:
-            grad_coef = grad_coef.permute(1, 2, 0, 3)
+    grad_weight = torch.zeros_like(weight) if need_weight else None
+    grad_coef = torch.empty_like(coef) if need_coef else None
+    for images in _image_chunks(n, weight, geom):
+        kernels = _tap_major_kernels(weight, coef[images], rows, geom)
+        grads = grad_output[images].reshape(-1, o // gr, grad_output[0, 0].numel())
+        part_xp = xp[images]
+        for k, window in _tap_windows(geom):
+            if need_input:
+                window(grad_xp[images]).add_(torch.bmm(kernels[k].transpose(1, 2), grads).view(
+                    -1, c, *geom.out_size))
+            if need_weight or need_coef:  # tap k's kernels are not read again: overwrite them
+                torch.bmm(grads, _tap_values(part_xp, window, geom).transpose(1, 2),
+                          out=kernels[k])
+        if need_weight or need_coef:  # `kernels` now holds the kernel gradients
+            part_grad_coef = _resample_backward(
+                kernels.view(geom.taps, grads.shape[0] // gr, -1), weight,
+                coef[images].permute(2, 0, 1, 3), rows, grad_weight, need_coef)
+            if need_coef:
+                grad_coef[images] = part_grad_coef.permute(1, 2, 0, 3)
     grad_input = None
     if need_input:
         ph, pw = geom.padding
@@ -239,8 +261,9 @@ def _conv_backward(grad_output, input, weight, coef, rows, geom, needs):
     grad_weight = grad_coef = None
     if need_kernels:  # back to tap-major
         grad_kt = grad_kernels.view(n, o, -1, geom.taps).permute(0, 3, 1, 2).reshape(kt.shape)
-        grad_weight, grad_coef = _resample_backward(grad_kt, weight, coef.transpose(1, 2), rows,
-                                                    need_weight, need_coef)
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_coef = _resample_backward(grad_kt, weight, coef.transpose(1, 2), rows,
+                                       grad_weight, need_coef)
         if need_coef:
             grad_coef = grad_coef.transpose(1, 2)
     return grad_input, grad_weight, grad_coef
