@@ -8,8 +8,9 @@ one of two forms, chosen by which tensor is larger:
   * a grouped convolution with the batch folded into the groups, when the
     image outweighs its kernel (the common case: large maps, few channels);
   * one batched matrix product per tap, of that tap's per-image kernels
-    (drawn just before, one tap at a time) with a strided window of the
-    padded input (no im2col buffer), when the kernels outweigh the image
+    (tap-major, contiguous per tap, drawn for a chunk of images at a time)
+    with a strided window of the padded input (no im2col buffer), when the
+    kernels outweigh the image
     (many channels on a small map, where a convolution library spends its
     time re-laying out N different weight tensors); its running sums are
     float32 for half types.
