@@ -1,40 +1,64 @@
 """Global Deformable Kernel without data offsets: resample the kernel once per
 image, then convolve each image with its own kernel.
 
-The resampled kernels are drawn from the scope by a matrix product (rows:
-the (image, tap, offset group) coefficient sets; columns: m = (C_out,
-C_in/groups)), in row blocks on CPU. The per-image convolution then takes
-one of two forms, chosen by which tensor is larger:
+Each resampled kernel row (image, tap, offset group) is a bilinear sample of
+the scope: a weighted sum of four scope cells, over m = (C_out, C_in/groups).
+The native CPU kernel (native/cpu/scope_resample_cpu.cpp) computes exactly
+that; elsewhere, and under autograd, a dense (rows, S) @ (S, M) product does.
+The per-image convolution then takes one of two forms, chosen by which
+tensor is larger:
   * a grouped convolution with the batch folded into the groups, when the
     image outweighs its kernel (the common case: large maps, few channels);
   * one batched matrix product per tap, of that tap's per-image kernels
     (tap-major, contiguous per tap, drawn for a chunk of images at a time)
     with a strided window of the padded input (no im2col buffer), when the
-    kernels outweigh the image
-    (many channels on a small map, where a convolution library spends its
-    time re-laying out N different weight tensors); its running sums are
-    float32 for half types.
+    kernels outweigh the image (many channels on a small map, where a
+    convolution library spends its time re-laying out N different weight
+    tensors); its running sums are float32 for half types.
 Forward and backward are written out by hand (no autograd graph over large
-tensors); only the tiny offset -> coefficient step goes through autograd.
+tensors); only the tiny offset -> corner-weight step goes through autograd.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _args, reference
+from . import _args, _native, reference
 
 
 # ---------------------------------------------------------------- resampling
 
-def _coefficients(offset: Tensor, kernel_size, scope, offset_groups: int) -> Tensor:
-    """(N, G, K, S) bilinear weights with which each tap reads the scope."""
+class _Corners(NamedTuple):
+    """The four scope cells each (image, offset group, tap) reads, as flat
+    cell indices and bilinear weights, each (N, G, K, 4) or a permutation of
+    the leading three dimensions."""
+
+    index: Tensor
+    weight: Tensor
+
+    def permute(self, *dims: int) -> "_Corners":
+        return _Corners(self.index.permute(*dims, -1), self.weight.permute(*dims, -1))
+
+    def images(self, part: slice) -> "_Corners":
+        return _Corners(self.index[part], self.weight[part])
+
+    def detach_to(self, dtype: torch.dtype) -> "_Corners":
+        return _Corners(self.index, self.weight.detach().to(dtype))
+
+    def dense(self, cells: int) -> Tensor:
+        """(..., cells) coefficients: reference.scope_coefficients' layout."""
+        zeros = self.weight.new_zeros(*self.weight.shape[:-1], cells)
+        return zeros.scatter_add(-1, self.index, self.weight)
+
+
+def _corners(offset: Tensor, kernel_size, scope, offset_groups: int) -> _Corners:
+    """Corners of the scope sample of every (image, offset group, tap)."""
     taps = kernel_size[0] * kernel_size[1]
-    return reference.scope_coefficients(
-        offset.reshape(offset.shape[0], offset_groups, taps, 2), kernel_size, scope)
+    return _Corners(*reference.scope_corners(
+        offset.reshape(offset.shape[0], offset_groups, taps, 2), kernel_size, scope))
 
 
 def _row_groups(weight: Tensor, groups: int, offset_groups: int) -> Optional[Tensor]:
@@ -43,6 +67,15 @@ def _row_groups(weight: Tensor, groups: int, offset_groups: int) -> Optional[Ten
         return None
     o, cg = weight.shape[:2]
     return reference.kernel_row_groups(o, cg, groups, offset_groups, weight.device).reshape(-1)
+
+
+def _native_resampling(weight: Tensor, corners: _Corners) -> bool:
+    """Whether the native CPU kernel draws the kernels (four weighted scope
+    rows per sample, no autograd); elsewhere a dense matrix product does."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64)
+            and not (torch.is_grad_enabled()
+                     and (weight.requires_grad or corners.weight.requires_grad))
+            and _native.load_native() is not None)
 
 
 # On CPU, MKL's sgemm slows down sharply with the number of rows of a product
@@ -66,13 +99,22 @@ def _times_weight(coef: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def _resample(weight: Tensor, coef: Tensor, rows: Optional[Tensor]) -> Tensor:
-    """Kernels (..., M) drawn from coef (..., G, S): one matrix product over all
-    of coef's leading dimensions (one pass over the weight), then each row m
-    keeps its own offset group's candidate."""
-    *lead, g, s2 = coef.shape
-    every = _times_weight(coef.reshape(-1, s2), weight.reshape(-1, s2)).view(
-        -1, g, weight.numel() // s2)
+def _resample(weight: Tensor, corners: _Corners, rows: Optional[Tensor]) -> Tensor:
+    """Kernels (..., M) drawn at corners (..., G, 4): every sample of every
+    offset group in one pass over the weight, then each row m keeps its own
+    offset group's candidate."""
+    *lead, g, _ = corners.index.shape
+    cells, m = weight.shape[2] * weight.shape[3], weight.shape[0] * weight.shape[1]
+    if _native_resampling(weight, corners):
+        index = corners.index.reshape(-1, 4).contiguous()
+        # Allocated here, not in the kernel: an output allocated inside it
+        # page-faulted on every call (2,000-5,000 faults per forward+backward).
+        every = weight.new_empty(index.shape[0], m)
+        torch.ops.erftool_native.scope_resample(
+            weight.reshape(m, cells), index, corners.weight.reshape(-1, 4).contiguous(), every)
+    else:
+        every = _times_weight(corners.dense(cells).reshape(-1, cells), weight.reshape(m, cells))
+    every = every.view(-1, g, m)
     if rows is None:
         return every[:, 0].view(*lead, -1)
     return every.gather(1, rows.view(1, 1, -1).expand(every.shape[0], 1, -1)).view(*lead, -1)
@@ -84,30 +126,38 @@ def resample_kernel(weight: Tensor, offset: Tensor, kernel_size, offset_groups: 
     autograd (reference.resample_kernel is the oracle it is tested against)."""
     kernel_size = _args.pair("resample_kernel", "kernel_size", kernel_size, 1)
     o, cg = weight.shape[:2]
-    coef = _coefficients(offset, kernel_size, tuple(weight.shape[2:]), offset_groups)
-    kt = _resample(weight, coef.transpose(1, 2), _row_groups(weight, groups, offset_groups))
+    corners = _corners(offset, kernel_size, tuple(weight.shape[2:]), offset_groups)
+    kt = _resample(weight, corners.permute(0, 2, 1), _row_groups(weight, groups, offset_groups))
     return kt.view(offset.shape[0], *kernel_size, o, cg).permute(0, 3, 4, 1, 2).contiguous()
 
 
-def _resample_backward(grad_kernels: Tensor, weight: Tensor, coef: Tensor,
+def _resample_backward(grad_kernels: Tensor, weight: Tensor, corners: _Corners,
                        rows: Optional[Tensor], grad_weight: Optional[Tensor],
-                       need_coef: bool) -> Optional[Tensor]:
+                       need_corners: bool) -> Optional[Tensor]:
     """Backward of _resample from the gradient of its output (..., M): adds the
-    scope-weight gradient into grad_weight (when given) and returns the
-    coefficient gradient (when needed)."""
-    *lead, g, s2 = coef.shape
-    grad = grad_kernels.reshape(-1, grad_kernels.shape[-1])
+    scope-weight gradient into grad_weight (when given) and returns that of
+    the corner weights (when needed)."""
+    *lead, g, _ = corners.index.shape
+    cells, m = weight.shape[2] * weight.shape[3], weight.shape[0] * weight.shape[1]
+    grad = grad_kernels.reshape(-1, m)
     if rows is not None:  # every group's candidates, zero where a row is another group's
-        grad = grad.new_zeros(grad.shape[0], g, grad.shape[1]).scatter_(
+        grad = grad.new_zeros(grad.shape[0], g, m).scatter_(
             1, rows.view(1, 1, -1).expand(grad.shape[0], 1, -1), grad.unsqueeze(1))
-    grad = grad.reshape(-1, grad_kernels.shape[-1])
+    grad = grad.reshape(-1, m)
+    if _native_resampling(weight, corners):
+        grad_corners = torch.ops.erftool_native.scope_resample_backward(
+            grad.contiguous(), weight.reshape(m, cells),
+            corners.index.reshape(-1, 4).contiguous(), corners.weight.reshape(-1, 4).contiguous(),
+            grad.new_empty(0) if grad_weight is None else grad_weight.view(m, cells),
+            need_corners)
+        return grad_corners.view(corners.weight.shape) if need_corners else None
+    coef = corners.dense(cells).reshape(-1, cells)
     if grad_weight is not None:  # by row blocks, as in _times_weight
-        flat_coef = coef.reshape(-1, s2)
         step = _ROW_BLOCK if grad.is_cpu else grad.shape[0]
         for i in range(0, grad.shape[0], step):
-            grad_weight.view(-1, s2).addmm_(grad[i:i + step].t(), flat_coef[i:i + step])
-    if need_coef:
-        return grad.mm(weight.reshape(-1, s2)).view(coef.shape)
+            grad_weight.view(m, cells).addmm_(grad[i:i + step].t(), coef[i:i + step])
+    if need_corners:
+        return grad.mm(weight.reshape(m, cells)).view(*lead, g, cells).gather(-1, corners.index)
     return None
 
 
@@ -147,12 +197,12 @@ def _padded(input: Tensor, geom: _args.Geometry) -> Tensor:
     return F.pad(input, (pw, pw, ph, ph))
 
 
-def _tap_major_kernels(weight: Tensor, coef: Tensor, rows: Optional[Tensor],
+def _tap_major_kernels(weight: Tensor, corners: _Corners, rows: Optional[Tensor],
                        geom: _args.Geometry) -> Tensor:
     """Every tap's per-image kernels in one product, (K, N*groups, C_out/groups,
     C_in/groups): tap k's slice is one contiguous batch of matrices."""
-    n, o, gr = coef.shape[0], weight.shape[0], geom.groups
-    return _resample(weight, coef.permute(2, 0, 1, 3), rows).view(
+    n, o, gr = corners.index.shape[0], weight.shape[0], geom.groups
+    return _resample(weight, corners.permute(2, 0, 1), rows).view(
         geom.taps, n * gr, o // gr, -1)
 
 
@@ -175,14 +225,14 @@ def _image_chunks(n: int, weight: Tensor, geom: _args.Geometry):
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _tapwise_forward(input, weight, coef, rows, geom):
+def _tapwise_forward(input, weight, corners, rows, geom):
     """sum over taps of (per-image tap kernel) @ (input window), by chunks of
     images: no im2col buffer."""
     n, o, gr = input.shape[0], weight.shape[0], geom.groups
     xp = _padded(input, geom)
     out = input.new_zeros(n, o, geom.out_size[0] * geom.out_size[1])
     for images in _image_chunks(n, weight, geom):
-        kernels = _tap_major_kernels(weight, coef[images], rows, geom)
+        kernels = _tap_major_kernels(weight, corners.images(images), rows, geom)
         part, part_xp = out[images].view(-1, o // gr, out.shape[-1]), xp[images]
         for k, window in _tap_windows(geom):
             part.baddbmm_(kernels[k], _tap_values(part_xp, window, geom))
@@ -193,15 +243,16 @@ def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor
             geom: _args.Geometry) -> Tensor:
     n, c, h, w = input.shape
     o = weight.shape[0]
-    coef = _coefficients(offset, geom.kernel_size, tuple(weight.shape[2:]), geom.offset_groups)
+    corners = _corners(offset, geom.kernel_size, tuple(weight.shape[2:]), geom.offset_groups)
     rows = _row_groups(weight, geom.groups, geom.offset_groups)
     if _kernels_outweigh_image(weight.shape[1], geom):
         acc = _accumulation_dtype(input.dtype)
-        out = _tapwise_forward(input.to(acc), weight.to(acc), coef.to(acc), rows, geom)
+        out = _tapwise_forward(input.to(acc), weight.to(acc), corners.detach_to(acc), rows, geom)
         out = out.to(input.dtype)
     else:
         out = F.conv2d(input.reshape(1, n * c, h, w),
-                       _conv_kernels(_resample(weight, coef.transpose(1, 2), rows), o, geom), None,
+                       _conv_kernels(_resample(weight, corners.permute(0, 2, 1), rows), o, geom),
+                       None,
                        geom.stride, geom.padding, geom.dilation, n * geom.groups)
     out = out.reshape(n, o, *geom.out_size)
     if bias is not None:
@@ -209,91 +260,91 @@ def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor
     return out
 
 
-def _tapwise_backward(grad_output, input, weight, coef, rows, geom, needs):
-    """(grad_input, grad_weight, grad_coef) of _tapwise_forward, by chunks of
+def _tapwise_backward(grad_output, input, weight, corners, rows, geom, needs):
+    """(grad_input, grad_weight, grad_corner_weights) of _tapwise_forward, by chunks of
     images: two batched products per tap. Each tap's kernel gradient
     overwrites that tap's kernels once they have served the input gradient
     (one buffer the size of the kernels: a second one made the allocator hand
     memory back to the system and page-fault it in again on every call); the
-    scope-weight and coefficient gradients then take one pass over it."""
-    need_input, need_weight, need_coef = needs
+    scope-weight and corner-weight gradients then take one pass over it."""
+    need_input, need_weight, need_corners = needs
     n, c, h, w = input.shape
     o, gr = weight.shape[0], geom.groups
     xp = _padded(input, geom)
     grad_xp = torch.zeros_like(xp) if need_input else None
-    grad_weight = torch.zeros_like(weight) if need_weight else None
-    grad_coef = torch.empty_like(coef) if need_coef else None
+    grad_weight = weight.new_zeros(weight.shape) if need_weight else None
+    grad_corners = torch.empty_like(corners.weight) if need_corners else None
     for images in _image_chunks(n, weight, geom):
-        kernels = _tap_major_kernels(weight, coef[images], rows, geom)
+        kernels = _tap_major_kernels(weight, corners.images(images), rows, geom)
         grads = grad_output[images].reshape(-1, o // gr, grad_output[0, 0].numel())
         part_xp = xp[images]
         for k, window in _tap_windows(geom):
             if need_input:
                 window(grad_xp[images]).add_(torch.bmm(kernels[k].transpose(1, 2), grads).view(
                     -1, c, *geom.out_size))
-            if need_weight or need_coef:  # tap k's kernels are not read again: overwrite them
+            if need_weight or need_corners:  # tap k's kernels are not read again: overwrite them
                 torch.bmm(grads, _tap_values(part_xp, window, geom).transpose(1, 2),
                           out=kernels[k])
-        if need_weight or need_coef:  # `kernels` now holds the kernel gradients
-            part_grad_coef = _resample_backward(
+        if need_weight or need_corners:  # `kernels` now holds the kernel gradients
+            part = _resample_backward(
                 kernels.view(geom.taps, grads.shape[0] // gr, -1), weight,
-                coef[images].permute(2, 0, 1, 3), rows, grad_weight, need_coef)
-            if need_coef:
-                grad_coef[images] = part_grad_coef.permute(1, 2, 0, 3)
+                corners.images(images).permute(2, 0, 1), rows, grad_weight, need_corners)
+            if need_corners:
+                grad_corners[images] = part.permute(1, 2, 0, 3)
     grad_input = None
     if need_input:
         ph, pw = geom.padding
         grad_input = grad_xp[:, :, ph:ph + h, pw:pw + w].contiguous()
-    return grad_input, grad_weight, grad_coef
+    return grad_input, grad_weight, grad_corners
 
 
-def _conv_backward(grad_output, input, weight, coef, rows, geom, needs):
-    """(grad_input, grad_weight, grad_coef) of the grouped-convolution form."""
-    need_input, need_weight, need_coef = needs
+def _conv_backward(grad_output, input, weight, corners, rows, geom, needs):
+    """(grad_input, grad_weight, grad_corner_weights) of the grouped-convolution form."""
+    need_input, need_weight, need_corners = needs
     n, c, h, w = input.shape
     o = weight.shape[0]
-    kt = _resample(weight, coef.transpose(1, 2), rows)
-    need_kernels = need_weight or need_coef
+    kt = _resample(weight, corners.permute(0, 2, 1), rows)
+    need_kernels = need_weight or need_corners
     grad_input, grad_kernels, _ = torch.ops.aten.convolution_backward(
         grad_output.reshape(1, n * o, *grad_output.shape[2:]), input.reshape(1, n * c, h, w),
         _conv_kernels(kt, o, geom), None, list(geom.stride), list(geom.padding),
         list(geom.dilation), False, [0, 0], n * geom.groups, [need_input, need_kernels, False])
     grad_input = grad_input.view_as(input) if need_input else None
-    grad_weight = grad_coef = None
+    grad_weight = grad_corners = None
     if need_kernels:  # back to tap-major
         grad_kt = grad_kernels.view(n, o, -1, geom.taps).permute(0, 3, 1, 2).reshape(kt.shape)
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_coef = _resample_backward(grad_kt, weight, coef.transpose(1, 2), rows,
-                                       grad_weight, need_coef)
-        if need_coef:
-            grad_coef = grad_coef.transpose(1, 2)
-    return grad_input, grad_weight, grad_coef
+        grad_weight = weight.new_zeros(weight.shape) if need_weight else None
+        grad_corners = _resample_backward(grad_kt, weight, corners.permute(0, 2, 1), rows,
+                                          grad_weight, need_corners)
+        if need_corners:
+            grad_corners = grad_corners.transpose(1, 2)
+    return grad_input, grad_weight, grad_corners
 
 
 def backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Tensor,
              geom: _args.Geometry, needs: List[bool], autograd_enabled) -> List[Optional[Tensor]]:
     """Gradients (input, weight, offset); autograd_enabled is a context manager
     that lets autograd record inside a custom-op kernel (for the offset ->
-    coefficient step only)."""
+    corner-weight step only)."""
     need_input, need_weight, need_offset = (bool(x) for x in needs[:3])
     with autograd_enabled():
         offset_leaf = offset.detach().requires_grad_(need_offset)
-        coef = _coefficients(offset_leaf, geom.kernel_size, tuple(weight.shape[2:]),
-                             geom.offset_groups)
+        corners = _corners(offset_leaf, geom.kernel_size, tuple(weight.shape[2:]),
+                           geom.offset_groups)
     rows = _row_groups(weight, geom.groups, geom.offset_groups)
     wanted = (need_input, need_weight, need_offset)
     if _kernels_outweigh_image(weight.shape[1], geom):
         acc = _accumulation_dtype(input.dtype)
         grads = _tapwise_backward(grad_output.to(acc), input.to(acc), weight.to(acc),
-                                  coef.detach().to(acc), rows, geom, wanted)
-        grad_input, grad_weight, grad_coef = (
+                                  corners.detach_to(acc), rows, geom, wanted)
+        grad_input, grad_weight, grad_corners = (
             None if g is None else g.to(like.dtype)
-            for g, like in zip(grads, (input, weight, coef)))
+            for g, like in zip(grads, (input, weight, corners.weight)))
     else:
-        grad_input, grad_weight, grad_coef = _conv_backward(
-            grad_output, input, weight, coef.detach(), rows, geom, wanted)
+        grad_input, grad_weight, grad_corners = _conv_backward(
+            grad_output, input, weight, corners.detach_to(weight.dtype), rows, geom, wanted)
     grad_offset = None
     if need_offset:
         with autograd_enabled():
-            (grad_offset,) = torch.autograd.grad(coef, offset_leaf, grad_coef)
+            (grad_offset,) = torch.autograd.grad(corners.weight, offset_leaf, grad_corners)
     return [grad_input, grad_weight, grad_offset]

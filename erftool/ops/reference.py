@@ -51,13 +51,8 @@ def bilinear_weights(y: torch.Tensor, x: torch.Tensor, height: int, width: int) 
     return out
 
 
-def scope_coefficients(offset_pairs: torch.Tensor, kernel_size, scope) -> torch.Tensor:
-    """Bilinear weights with which each kernel tap reads the scope.
-
-    offset_pairs: (..., K_h*K_w, 2) with (drow, dcol) per tap (row-major taps).
-    Returns (..., K_h*K_w, S_h*S_w): row t is how tap t mixes the scope cells.
-    Tap (a, b) samples scope position (a + (S_h-K_h)/2 + drow, b + (S_w-K_w)/2 + dcol).
-    """
+def _scope_samples(offset_pairs: torch.Tensor, kernel_size, scope):
+    """Scope position (y, x) each tap samples, and the scope's (S_h, S_w)."""
     kh, kw = _args.pair("scope_coefficients", "kernel_size", kernel_size, 1)
     sh, sw = _args.pair("scope_coefficients", "scope", scope, 1)
     dtype, device = offset_pairs.dtype, offset_pairs.device
@@ -65,7 +60,26 @@ def scope_coefficients(offset_pairs: torch.Tensor, kernel_size, scope) -> torch.
     cols = torch.arange(kw, dtype=dtype, device=device).repeat(kh)
     y = rows + (sh - kh) / 2 + offset_pairs[..., 0]
     x = cols + (sw - kw) / 2 + offset_pairs[..., 1]
-    return bilinear_weights(y, x, sh, sw)
+    return y, x, sh, sw
+
+
+def scope_coefficients(offset_pairs: torch.Tensor, kernel_size, scope) -> torch.Tensor:
+    """Bilinear weights with which each kernel tap reads the scope.
+
+    offset_pairs: (..., K_h*K_w, 2) with (drow, dcol) per tap (row-major taps).
+    Returns (..., K_h*K_w, S_h*S_w): row t is how tap t mixes the scope cells.
+    Tap (a, b) samples scope position (a + (S_h-K_h)/2 + drow, b + (S_w-K_w)/2 + dcol).
+    """
+    return bilinear_weights(*_scope_samples(offset_pairs, kernel_size, scope))
+
+
+def scope_corners(offset_pairs: torch.Tensor, kernel_size, scope):
+    """The same weights as scope_coefficients, as the four corners each tap
+    reads: (index, weight), each (..., K_h*K_w, 4), index a flat scope cell.
+    A corner outside the scope has weight 0 (and a clamped, valid index)."""
+    corners = list(_bilinear_corners(*_scope_samples(offset_pairs, kernel_size, scope)))
+    return (torch.stack([index for index, _ in corners], -1),
+            torch.stack([weight for _, weight in corners], -1))
 
 
 def _rigid_taps(input, geom: _args.Geometry) -> torch.Tensor:

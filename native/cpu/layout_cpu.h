@@ -68,6 +68,22 @@ inline bool avx2_transpose_ok() {
 }
 #endif
 
+// dst[j * dst_ld + i] = src[i * src_ld + j] for i in [i0, i1), j in [j0, j1),
+// on the calling thread: register transposes for float where AVX2 runs.
+template <typename T>
+void transpose_block(const T* src, int64_t src_ld, T* dst, int64_t dst_ld, int64_t i0,
+                     int64_t i1, int64_t j0, int64_t j1) {
+#ifdef ERFTOOL_HAVE_AVX2_TRANSPOSE
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx2_transpose_ok()) {
+      transpose_tile_avx2(src, src_ld, dst, dst_ld, i0, i1, j0, j1);
+      return;
+    }
+  }
+#endif
+  transpose_tile(src, src_ld, dst, dst_ld, i0, i1, j0, j1);
+}
+
 // dst[j * dst_ld + i] = src[i * src_ld + j] for i < rows, j < cols, in each of
 // `planes` planes (src_plane and dst_plane elements apart).
 template <typename T>
@@ -82,16 +98,7 @@ void transpose_planes(const T* src, int64_t src_plane, int64_t src_ld, T* dst, i
       const T* s = src + p * src_plane;
       T* d = dst + p * dst_plane;
       for (int64_t j0 = 0; j0 < cols; j0 += kTileCols) {
-        const int64_t j1 = std::min(cols, j0 + kTileCols);
-#ifdef ERFTOOL_HAVE_AVX2_TRANSPOSE
-        if constexpr (std::is_same_v<T, float>) {
-          if (avx2_transpose_ok()) {
-            transpose_tile_avx2(s, src_ld, d, dst_ld, i0, i1, j0, j1);
-            continue;
-          }
-        }
-#endif
-        transpose_tile(s, src_ld, d, dst_ld, i0, i1, j0, j1);
+        transpose_block(s, src_ld, d, dst_ld, i0, i1, j0, std::min(cols, j0 + kTileCols));
       }
     }
   });
