@@ -100,3 +100,23 @@ def test_tapwise_form_by_image_chunks_matches_the_oracle(monkeypatch, images_per
     for a, b in zip(torch.autograd.grad(got, (x, w, off), probe),
                     torch.autograd.grad(want, (x, w, off), probe)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [3, 12])  # the tap-by-tap and the grouped-convolution forms
+@pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 2)])
+def test_dense_resampling_path_matches_the_oracle(monkeypatch, size, groups, offset_groups):
+    # The dense products serve devices without the native kernel (CUDA): forced here on CPU.
+    monkeypatch.setattr(_global_kernel, "_native_resampling", lambda weight, corners: False)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 12 // groups, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    off = torch.randn(3, 2 * offset_groups * 9, dtype=torch.float64,
+                      generator=g).requires_grad_(True)
+    x = torch.randn(3, 12, size, size, dtype=torch.float64, generator=g, requires_grad=True)
+    kwargs = dict(kernel_size=3, padding=1, groups=groups, offset_groups=offset_groups)
+    got = ops.deform_kernel2d(x, w, off, **kwargs)
+    want = ops.deform_kernel2d(x, w, off, backend="reference", **kwargs)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    probe = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad(got, (x, w, off), probe),
+                    torch.autograd.grad(want, (x, w, off), probe)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
