@@ -20,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "deform_cpu_kernels.h"  // corner_sum, dot, axpy
 #include "layout_cpu.h"
 
 namespace erftool {
@@ -31,9 +32,6 @@ constexpr int kCorners = 4;
 // thread, so that the dot products of the backward are summed in the same
 // order whatever the thread count.
 constexpr int64_t kBlock = 512;
-// Independent partial sums of a dot product (vectorisable without
-// reassociating floating-point additions).
-constexpr int kLanes = 8;
 
 // Per-thread scratch, allocated by the calling thread: buffers malloc'ed and
 // freed inside the worker threads come from per-thread arenas, which the
@@ -102,26 +100,13 @@ void resample_rows(const T* weight, const int64_t* index, const T* corner_weight
           }
         }
 #endif
-        for (int64_t j = 0; j < width; ++j)
-          dst[j] = w0 * r0[j] + w1 * r1[j] + w2 * r2[j] + w3 * r3[j];
+        corner_sum<false>(width, T(1), CornerRows<T>{{r0, r1, r2, r3}, {w0, w1, w2, w3}}, dst);
       }
     }
 #ifdef ERFTOOL_HAVE_STREAM_STORES
     _mm_sfence();  // the streamed rows are visible before the caller reads them
 #endif
   });
-}
-
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  T lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * b[j + l];
-  T sum = 0;
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  for (; j < n; ++j) sum += a[j] * b[j];
-  return sum;
 }
 
 // One pass over grad (rows, m) by blocks of m: each block owns its rows of
@@ -146,13 +131,9 @@ void resample_rows_backward(const T* grad, const T* weight, const int64_t* index
         for (int i = 0; i < kCorners; ++i) {
           const int64_t cell = index[b * kCorners + i];
           if (partial != nullptr)
-            partial[(block * rows + b) * kCorners + i] =
-                dot(g, values + cell * kBlock, width);
-          if (grad_weight != nullptr) {
-            const T w = corner_weight[b * kCorners + i];
-            T* dst = sums + cell * kBlock;
-            for (int64_t j = 0; j < width; ++j) dst[j] += w * g[j];
-          }
+            partial[(block * rows + b) * kCorners + i] = dot(width, g, values + cell * kBlock);
+          if (grad_weight != nullptr)
+            axpy(width, corner_weight[b * kCorners + i], g, sums + cell * kBlock);
         }
       }
       if (grad_weight != nullptr) {  // back to (M, cells), through `values`
