@@ -9,6 +9,30 @@ import erftool.ops as ops
 from erftool.ops import _args, _global_kernel, reference
 
 
+def assert_operator_matches_reference(x, w, off, g, **kwargs):
+    """deform_kernel2d (native backend) against the reference backend:
+    forward and the input, weight and offset gradients, in float64."""
+    got = ops.deform_kernel2d(x, w, off, **kwargs)
+    want = ops.deform_kernel2d(x, w, off, backend="reference", **kwargs)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    probe = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad(got, (x, w, off), probe),
+                    torch.autograd.grad(want, (x, w, off), probe)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def assert_resample_kernel_matches_oracle(w, off, kernel_size, offset_groups, groups, g):
+    """erftool.ops.resample_kernel (autograd form) against reference.resample_kernel:
+    the kernels and the weight and offset gradients, in float64."""
+    fast = ops.resample_kernel(w, off, kernel_size, offset_groups, groups)
+    oracle = reference.resample_kernel(w, off, kernel_size, offset_groups, groups)
+    torch.testing.assert_close(fast, oracle, rtol=0, atol=1e-12)
+    probe = torch.randn(oracle.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad(fast, (w, off), probe),
+                    torch.autograd.grad(oracle, (w, off), probe)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_global_kernel_small_map_sums_taps_in_float32_for_half_types():
     # Tap sums +1000, then seven taps of ~0.1, then -1000: half-precision running
     # sums would lose the 0.7 (1000 + 0.1 rounds back to 1000 in bfloat16).
@@ -33,13 +57,7 @@ def test_fast_resample_kernel_matches_the_oracle_with_gradients(groups, offset_g
     w = torch.randn(6, 12 // groups, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
     off = (0.9 * torch.randn(3, 2 * offset_groups * 6, dtype=torch.float64, generator=g)
            ).requires_grad_(True)
-    fast = ops.resample_kernel(w, off, (2, 3), offset_groups, groups)
-    oracle = reference.resample_kernel(w, off, (2, 3), offset_groups, groups)
-    torch.testing.assert_close(fast, oracle, rtol=0, atol=1e-12)
-    probe = torch.randn(oracle.shape, dtype=torch.float64, generator=g)
-    for a, b in zip(torch.autograd.grad(fast, (w, off), probe),
-                    torch.autograd.grad(oracle, (w, off), probe)):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert_resample_kernel_matches_oracle(w, off, (2, 3), offset_groups, groups, g)
 
 
 @pytest.fixture
@@ -49,31 +67,14 @@ def small_row_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 2)])
-def test_row_blocked_resampling_matches_the_oracle(small_row_blocks, groups,
-                                                      offset_groups):
+def test_row_blocked_resampling_matches_the_oracle(small_row_blocks, groups, offset_groups):
+    # the autograd form (the operator's row blocks: test_dense_resampling_path_...)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(6, 12 // groups, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
     off = torch.randn(3, 2 * offset_groups * 9, dtype=torch.float64,
                       generator=g).requires_grad_(True)
     assert off.shape[0] * offset_groups > _global_kernel._ROW_BLOCK  # rows of one tap's product
-    fast = ops.resample_kernel(w, off, 3, offset_groups, groups)  # the autograd form
-    oracle = reference.resample_kernel(w, off, 3, offset_groups, groups)
-    torch.testing.assert_close(fast, oracle, rtol=0, atol=1e-12)
-    probe = torch.randn(oracle.shape, dtype=torch.float64, generator=g)
-    for a, b in zip(torch.autograd.grad(fast, (w, off), probe),
-                    torch.autograd.grad(oracle, (w, off), probe)):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    # the operator (no autograd inside: the blocks are written in place), both forms
-    for size in (3, 12):
-        x = torch.randn(3, 12, size, size, dtype=torch.float64, generator=g, requires_grad=True)
-        kwargs = dict(kernel_size=3, padding=1, groups=groups, offset_groups=offset_groups)
-        got = ops.deform_kernel2d(x, w, off, **kwargs)
-        want = ops.deform_kernel2d(x, w, off, backend="reference", **kwargs)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
-        probe = torch.randn(want.shape, dtype=torch.float64, generator=g)
-        for a, b in zip(torch.autograd.grad(got, (x, w, off), probe),
-                        torch.autograd.grad(want, (x, w, off), probe)):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert_resample_kernel_matches_oracle(w, off, 3, offset_groups, groups, g)
 
 
 @pytest.mark.parametrize("images_per_chunk", [1, 2])
@@ -92,31 +93,22 @@ def test_tapwise_form_by_image_chunks_matches_the_oracle(monkeypatch, images_per
     off = torch.randn(3, 2 * offset_groups * 9, dtype=torch.float64,
                       generator=g).requires_grad_(True)
     x = torch.randn(3, 12, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    kwargs = dict(kernel_size=3, padding=1, groups=groups, offset_groups=offset_groups)
-    got = ops.deform_kernel2d(x, w, off, **kwargs)
-    want = ops.deform_kernel2d(x, w, off, backend="reference", **kwargs)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
-    probe = torch.randn(want.shape, dtype=torch.float64, generator=g)
-    for a, b in zip(torch.autograd.grad(got, (x, w, off), probe),
-                    torch.autograd.grad(want, (x, w, off), probe)):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert_operator_matches_reference(x, w, off, g, kernel_size=3, padding=1, groups=groups,
+                                      offset_groups=offset_groups)
 
 
+@pytest.mark.parametrize("row_block", [2, 16])  # several row blocks of the products, or one
 @pytest.mark.parametrize("size", [3, 12])  # the tap-by-tap and the grouped-convolution forms
 @pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 2)])
-def test_dense_resampling_path_matches_the_oracle(monkeypatch, size, groups, offset_groups):
+def test_dense_resampling_path_matches_the_oracle(monkeypatch, row_block, size, groups,
+                                                  offset_groups):
     # The dense products serve devices without the native kernel (CUDA): forced here on CPU.
     monkeypatch.setattr(_global_kernel, "_native_resampling", lambda weight, corners: False)
+    monkeypatch.setattr(_global_kernel, "_ROW_BLOCK", row_block)
     g = torch.Generator().manual_seed(3)
     w = torch.randn(6, 12 // groups, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
     off = torch.randn(3, 2 * offset_groups * 9, dtype=torch.float64,
                       generator=g).requires_grad_(True)
     x = torch.randn(3, 12, size, size, dtype=torch.float64, generator=g, requires_grad=True)
-    kwargs = dict(kernel_size=3, padding=1, groups=groups, offset_groups=offset_groups)
-    got = ops.deform_kernel2d(x, w, off, **kwargs)
-    want = ops.deform_kernel2d(x, w, off, backend="reference", **kwargs)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
-    probe = torch.randn(want.shape, dtype=torch.float64, generator=g)
-    for a, b in zip(torch.autograd.grad(got, (x, w, off), probe),
-                    torch.autograd.grad(want, (x, w, off), probe)):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert_operator_matches_reference(x, w, off, g, kernel_size=3, padding=1, groups=groups,
+                                      offset_groups=offset_groups)

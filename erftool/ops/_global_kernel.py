@@ -250,10 +250,9 @@ def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor
         out = _tapwise_forward(input.to(acc), weight.to(acc), corners.detach_to(acc), rows, geom)
         out = out.to(input.dtype)
     else:
-        out = F.conv2d(input.reshape(1, n * c, h, w),
-                       _conv_kernels(_resample(weight, corners.permute(0, 2, 1), rows), o, geom),
-                       None,
-                       geom.stride, geom.padding, geom.dilation, n * geom.groups)
+        kernels = _conv_kernels(_resample(weight, corners.permute(0, 2, 1), rows), o, geom)
+        out = F.conv2d(input.reshape(1, n * c, h, w), kernels, None, geom.stride, geom.padding,
+                       geom.dilation, n * geom.groups)
     out = out.reshape(n, o, *geom.out_size)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
