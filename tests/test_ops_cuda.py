@@ -389,6 +389,33 @@ def test_rigid_path_is_deterministic():
 
 
 @requires_cuda
+def test_atomic_input_gradient_alerts_under_deterministic_algorithms(monkeypatch):
+    # Data offsets scatter the input gradient with atomics (not deterministic):
+    # PyTorch's convention is to raise under use_deterministic_algorithms, and
+    # to stay silent for the gradients that are deterministic. (cuBLAS itself
+    # is deterministic only with this workspace setting, which torch checks.)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    rigid = CASES[0]
+    deformed = next(c for c in CASES if c.data_offset)
+    saved = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        for case in (rigid, deformed):
+            x, w, ko, do, m = make_inputs(case)
+            go = torch.randn(case.N, case.C_out, *case.out_size, dtype=torch.float64,
+                             device="cuda")
+            without_input = (False, True, True, True, True)
+            native_backward(case, go, x, w, ko, do, m, output_mask=without_input)
+            if case is rigid:
+                native_backward(case, go, x, w, ko, do, m)
+            else:
+                with pytest.raises(RuntimeError, match="deform_backward .CUDA. input gradient"):
+                    native_backward(case, go, x, w, ko, do, m)
+    finally:
+        torch.use_deterministic_algorithms(saved)
+
+
+@requires_cuda
 def test_non_contiguous_and_current_stream():
     case = CASES[9]
     x, w, ko, do, m = make_inputs(case)
@@ -457,3 +484,34 @@ def test_kernels_under_cpu_emulation(case, monkeypatch):
         grads = emu.backward(go, x, w, ko, do, m, images_per_chunk)
         for name, got, exp in zip(GRAD_NAMES, grads, expected_grads):
             assert_close_or_none(got, exp, name, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ torch glue
+# native/cuda/deform_cuda.cpp (the TORCH_LIBRARY_IMPL of the CUDA kernels) is
+# built only where torch has CUDA. The CPU wheel ships torch's c10/cuda and
+# ATen headers too, less one header its CMake build generates, so a syntax-only
+# compile against them catches misuse of torch's API on any machine.
+
+def test_cuda_glue_compiles_against_torch_headers(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    emulate = _emulation()  # the same needs: g++ with C++20 and the CUDA headers
+    root = Path(__file__).resolve().parents[1]
+    torch_includes = cpp_extension.include_paths()
+    generated = Path("c10") / "cuda" / "impl" / "cuda_cmake_macros.h"
+    if not any((Path(p) / generated).exists() for p in torch_includes):
+        (tmp_path / generated).parent.mkdir(parents=True)
+        (tmp_path / generated).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [str(tmp_path), *torch_includes, str(emulate.cuda_include_dir()),
+                str(root / "native" / "include"), str(root / "native" / "cuda")]
+    for source in sorted((root / "native" / "cuda").glob("*.cpp")):
+        done = subprocess.run(
+            [os.environ.get("CXX", "g++"), "-fsyntax-only", "-std=c++20", "-DERFTOOL_WITH_CUDA",
+             *(f"-I{p}" for p in includes), str(source)],
+            capture_output=True, text=True)
+        errors = [line for line in done.stderr.splitlines() if "error" in line]
+        assert done.returncode == 0, f"{source.name}:\n" + "\n".join(errors[:10])

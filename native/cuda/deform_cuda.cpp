@@ -285,6 +285,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_ba
   at::Tensor gw_acc;   // grad_weight accumulator (fp32 for the half types)
   if (need_input) {
     if (pb.has_do) {
+      // Scattered with atomics: the summation order, hence the last bits,
+      // varies between runs. Raises under torch.use_deterministic_algorithms.
+      at::globalContext().alertNotDeterministic(
+          "erftool_native::deform_backward (CUDA) input gradient with data offsets");
       if (half_type) {
         gin_acc = at::zeros(pb.input.sizes(), acc_opts);
         grad_input = at::empty(pb.input.sizes(), opts);
