@@ -112,3 +112,28 @@ def test_dense_resampling_path_matches_the_oracle(monkeypatch, row_block, size, 
     x = torch.randn(3, 12, size, size, dtype=torch.float64, generator=g, requires_grad=True)
     assert_operator_matches_reference(x, w, off, g, kernel_size=3, padding=1, groups=groups,
                                       offset_groups=offset_groups)
+
+
+@pytest.mark.parametrize("channels, size", [(2, 9), (12, 3)], ids=["conv_form", "tap_form"])
+def test_non_finite_global_offsets_contribute_nothing(channels, size):
+    # A NaN, infinite or huge offset puts its tap's sample off the scope: the
+    # tap reads zero weight and gets a zero offset gradient, exactly as with a
+    # finite offset far outside, and no index is computed from the bad value.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, channels, size, size, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, channels, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    off = 0.5 * torch.randn(2, 18, dtype=torch.float64, generator=g)
+    off[0, 0], off[0, 5], off[1, 8], off[1, 11] = float("nan"), float("inf"), float("-inf"), 1e30
+    far = off.clone()
+    far[~torch.isfinite(far) | (far.abs() > 1e20)] = 1e6
+    off.requires_grad_(True), far.requires_grad_(True)
+    geom = _args.Geometry((3, 3), (1, 1), (1, 1), (1, 1), 1, 1, 1, (size, size))
+    assert _global_kernel._kernels_outweigh_image(channels, geom) == (channels == 12)
+    assert_operator_matches_reference(x, w, off, g, kernel_size=3, padding=1)
+    out_bad = ops.deform_kernel2d(x, w, off, kernel_size=3, padding=1)
+    out_far = ops.deform_kernel2d(x, w, far, kernel_size=3, padding=1)
+    torch.testing.assert_close(out_bad, out_far, rtol=0, atol=0)
+    (grad_bad,) = torch.autograd.grad(out_bad.sum(), off)
+    (grad_far,) = torch.autograd.grad(out_far.sum(), far)
+    torch.testing.assert_close(grad_bad, grad_far, rtol=0, atol=0)
+    assert (grad_bad[0, :2] == 0).all() and (grad_bad[1, 10:12] == 0).all()

@@ -54,11 +54,43 @@ class _Corners(NamedTuple):
         return zeros.scatter_add(-1, self.index, self.weight)
 
 
+def _centred_taps(kernel_size, scope, like: Tensor) -> Tensor:
+    """(K, 2): the scope position (row, col) tap (a, b) samples at zero offset,
+    (a + (S_h - K_h)/2, b + (S_w - K_w)/2), row-major taps."""
+    (kh, kw), (sh, sw) = kernel_size, scope
+    return torch.tensor([[a + (sh - kh) / 2, b + (sw - kw) / 2] for a in range(kh)
+                         for b in range(kw)], dtype=like.dtype, device=like.device)
+
+
+# Corner j of a bilinear sample lies (j // 2, j % 2) cells below / right of its floor.
+_CORNER_ROWS = (0.0, 0.0, 1.0, 1.0)
+_CORNER_COLS = (0.0, 1.0, 0.0, 1.0)
+
+
 def _corners(offset: Tensor, kernel_size, scope, offset_groups: int) -> _Corners:
-    """Corners of the scope sample of every (image, offset group, tap)."""
-    taps = kernel_size[0] * kernel_size[1]
-    return _Corners(*reference.scope_corners(
-        offset.reshape(offset.shape[0], offset_groups, taps, 2), kernel_size, scope))
+    """Corners of the scope sample of every (image, offset group, tap), the four
+    at once: these tensors are tiny and each op costs microseconds. (A global
+    DK forward+backward of 1 x 4 x 6 x 6 took 2.4 / 4.1 ms with a loop over the
+    corners, 1.7 / 3.1 ms with this, in two interleaved rounds.)
+    Cells outside the scope weigh 0; so does every corner of a sample at <= -1
+    or >= S on an axis, or a NaN / infinite one (its index is clamped valid)."""
+    (sh, sw), taps = scope, kernel_size[0] * kernel_size[1]
+    pos = offset.reshape(offset.shape[0], offset_groups, taps, 2) + _centred_taps(
+        kernel_size, scope, offset)
+    y, x = pos[..., :1], pos[..., 1:]  # (N, G, K, 1): broadcast against the 4 corners
+    inside = (y > -1) & (x > -1) & (y < sh) & (x < sw)
+    y, x = torch.where(inside, y, 0.0), torch.where(inside, x, 0.0)  # no NaN past here
+    y0, x0 = y.detach().floor(), x.detach().floor()
+    dy = torch.tensor(_CORNER_ROWS, dtype=y.dtype, device=y.device)
+    dx = torch.tensor(_CORNER_COLS, dtype=x.dtype, device=x.device)
+    cy, cx = y0 + dy, x0 + dx  # (N, G, K, 4) corner cells
+    # Linear in the fraction (1 - f for the floor corner, f for the next one):
+    # the slope stays exact at integer positions, where f = 0.
+    wy = (1 - dy) + (y - y0) * (2 * dy - 1)
+    wx = (1 - dx) + (x - x0) * (2 * dx - 1)
+    valid = inside & (cy >= 0) & (cy < sh) & (cx >= 0) & (cx < sw)
+    index = (cy.clamp(0, sh - 1) * sw + cx.clamp(0, sw - 1)).long()
+    return _Corners(index, wy * wx * valid)
 
 
 def _row_groups(weight: Tensor, groups: int, offset_groups: int) -> Optional[Tensor]:

@@ -73,15 +73,6 @@ def scope_coefficients(offset_pairs: torch.Tensor, kernel_size, scope) -> torch.
     return bilinear_weights(*_scope_samples(offset_pairs, kernel_size, scope))
 
 
-def scope_corners(offset_pairs: torch.Tensor, kernel_size, scope):
-    """The same weights as scope_coefficients, as the four corners each tap
-    reads: (index, weight), each (..., K_h*K_w, 4), index a flat scope cell.
-    A corner outside the scope has weight 0 (and a clamped, valid index)."""
-    corners = list(_bilinear_corners(*_scope_samples(offset_pairs, kernel_size, scope)))
-    return (torch.stack([index for index, _ in corners], -1),
-            torch.stack([weight for _, weight in corners], -1))
-
-
 def _rigid_taps(input, geom: _args.Geometry) -> torch.Tensor:
     """(N, C, K, L) data taps on the rigid grid (zero outside the image)."""
     n, c = input.shape[:2]
