@@ -265,3 +265,81 @@ def test_scattered_input_gradient_on_tall_maps_any_thread_count(threads, layout,
         check_against_reference(cfg, chunk=cfg["W"] * 6 * 8 * 40)  # row chunks
     finally:
         torch.set_num_threads(saved)
+
+
+# The band pipeline of the backward (rigid data grid, not depthwise): each
+# thread runs whole bands of output rows through both GEMMs and the fused pass,
+# in two phases. ERFTOOL_CPU_BANDS=1 forces it with the thinnest bands (the
+# most bands, phases and weight-gradient slots, and ragged last bands); the
+# default takes it only on maps of hundreds of positions per band.
+BAND_CASES = {
+    "dk_scope4": config(),
+    "dk_scope3": config(S=(3, 3)),
+    "mask_rigid_grid": config(mask=True),
+    "groups_offset_groups": config(C=8, O=6, groups=2, G=4, mask=True),
+    "stride_dilation_nonsquare": config(k=(2, 3), S=(3, 5), s=(2, 1), p=(0, 2), d=(2, 1),
+                                        H=13, W=8, G=2),
+    "odd_scope_margin": config(k=(1, 3), S=(2, 4), s=(1, 2), p=(1, 0), d=(1, 2), G=2, H=6, W=9),
+    "tall_map": config(N=3, C=6, O=5, H=45, W=7, G=2, mask=True),
+}
+
+
+@pytest.fixture
+def forced_bands(monkeypatch):
+    monkeypatch.setenv("ERFTOOL_CPU_BANDS", "1")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("name", list(BAND_CASES))
+def test_band_pipeline_matches_reference(forced_bands, name, threads):
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check_against_reference(BAND_CASES[name])
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_band_pipeline_float32_matches_float64(forced_bands):
+    # float32 moves grad_out into channels-last rows by 8 x 8 register
+    # transposes: 20 outputs and 11-wide bands leave ragged edges on both axes.
+    cfg = config(N=3, C=12, O=20, H=16, W=11, groups=2, G=2, mask=True)
+    t64 = make(cfg, seed=4)
+    t32 = {k: v.float() for k, v in t64.items()}
+    grad = torch.randn(cfg["N"], cfg["O"], *out_size(cfg), dtype=torch.float64)
+    for a, b in zip(native_backward(grad.float(), t32, cfg), native_backward(grad, t64, cfg)):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
+
+
+def test_band_pipeline_gives_the_same_bits_on_every_call(forced_bands):
+    # Threads take the weight-gradient slots dynamically; each slot sums its
+    # fixed run of bands in order, and the slots are summed in order.
+    cfg = config(N=4, C=8, O=6, H=20, W=9, G=2)
+    t = make(cfg, dtype=torch.float32, seed=5)
+    grad = torch.randn(cfg["N"], cfg["O"], *out_size(cfg))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        first = native_backward(grad, t, cfg)
+        for _ in range(4):
+            for a, b in zip(native_backward(grad, t, cfg), first):
+                assert (a is None and b is None) or torch.equal(a, b)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_band_pipeline_and_chunk_loop_agree_by_default_on_a_large_map(monkeypatch):
+    # The default selection (hundreds of positions per band) on a map where it
+    # takes the band pipeline for up to 4 threads, against the chunk loop.
+    cfg = config(N=2, C=16, O=8, H=64, W=64)
+    t = make(cfg, dtype=torch.float32, seed=6)
+    grad = torch.randn(cfg["N"], cfg["O"], *out_size(cfg))
+    bands = native_backward(grad, t, cfg)
+    monkeypatch.setenv("ERFTOOL_CPU_BANDS", "0")
+    chunks = native_backward(grad, t, cfg)
+    for a, b in zip(bands, chunks):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
