@@ -267,11 +267,12 @@ def test_scattered_input_gradient_on_tall_maps_any_thread_count(threads, layout,
         torch.set_num_threads(saved)
 
 
-# The band pipeline of the backward (rigid data grid, not depthwise): each
-# thread runs whole bands of output rows through both GEMMs and the fused pass,
-# in two phases. ERFTOOL_CPU_BANDS=1 forces it with the thinnest bands (the
-# most bands, phases and weight-gradient slots, and ragged last bands); the
-# default takes it only on maps of hundreds of positions per band.
+# The band pipeline of the backward (not depthwise): each thread runs whole
+# bands of output rows through both GEMMs and the fused pass, in two phases on
+# a rigid data grid, by whole images with data offsets. ERFTOOL_CPU_BANDS=1
+# forces it with the thinnest bands (the most bands, phases and weight-gradient
+# slots, and ragged last bands); the default takes it only on maps of hundreds
+# of positions per band.
 BAND_CASES = {
     "dk_scope4": config(),
     "dk_scope3": config(S=(3, 3)),
@@ -281,6 +282,9 @@ BAND_CASES = {
                                         H=13, W=8, G=2),
     "odd_scope_margin": config(k=(1, 3), S=(2, 4), s=(1, 2), p=(1, 0), d=(1, 2), G=2, H=6, W=9),
     "tall_map": config(N=3, C=6, O=5, H=45, W=7, G=2, mask=True),
+    "dk_dc_mask": config(N=3, doff=True, mask=True),
+    "dc_v2": config(koff=False, doff=True, mask=True, H=11),
+    "groups_data_offset_groups": config(C=8, O=6, groups=2, G=4, DG=2, doff=True, mask=True),
 }
 
 

@@ -551,10 +551,12 @@ void backward_chunk(const Geometry& g, const Ctx<T>& c, const Chunk& ch, const G
 // every step. The band pipeline instead hands each thread whole bands of
 // output rows (about kBandPositions positions, at most 2 MB of columns) and runs
 // a band's column-gradient GEMM, fused pass and weight GEMM on that thread,
-// back to back, while its buffers are still in cache. Rigid data grid only:
-// the fused pass scatters the input gradient itself, race-free because the
-// bands run in two phases (even bands of every image, then odd ones) and a
-// band is at least (K_h - 1) * d_h rows tall.
+// back to back, while its buffers are still in cache. The input gradient is
+// scattered race-free: on a rigid data grid by the fused pass, with the bands
+// in two phases (even bands of every image, then odd ones; a band is at least
+// (K_h - 1) * d_h rows tall); with data offsets, whose taps may land anywhere
+// in the image, by a scatter pass after each band, every image's bands run
+// in order by one thread.
 
 // Positions per band (fp32, 2 threads, forward+backward, interleaved A/B
 // against the chunk loop): 256 positions ran 0.71-0.79x of the chunk loop's
@@ -566,16 +568,17 @@ constexpr int64_t kBandPositions = 256;
 // pipeline was 7 % slower on 56x56x256.
 constexpr int64_t kBandColumnBytes = 2 << 20;
 
-// Band height in output rows, or 0 where the chunk loop serves instead: data
-// offsets, depthwise layers or an image too short to split in two (the
-// pipeline does not apply); rows too long (above), too few bands to share
-// among the threads, or per-thread buffers over the chunk_bytes budget.
+// Band height in output rows, or 0 where the chunk loop serves instead:
+// depthwise layers or an image too short to split in two (the pipeline does
+// not apply); rows too long (above), too few bands (too few images, with data
+// offsets) to share among the threads, or per-thread buffers over the
+// chunk_bytes budget.
 // ERFTOOL_CPU_BANDS=0 keeps the chunk loop; =1 takes the pipeline wherever it
 // applies, with the thinnest bands (for tests and measurements).
 int64_t band_height(const Geometry& g, int64_t elt, int64_t chunk_bytes) {
   const int64_t L = g.row_len();
   const int64_t least = std::max<int64_t>(1, (g.Kh - 1) * g.dh);
-  if (g.has_doff || g.depthwise || g.Ho <= least) return 0;
+  if (g.depthwise || g.Ho <= least) return 0;
   const char* env = std::getenv("ERFTOOL_CPU_BANDS");
   if (env && std::strcmp(env, "0") == 0) return 0;
   if (env && std::strcmp(env, "1") == 0) return least;
@@ -583,7 +586,8 @@ int64_t band_height(const Geometry& g, int64_t elt, int64_t chunk_bytes) {
   const int64_t height = std::max(least, (kBandPositions + g.Wo - 1) / g.Wo);
   const int64_t per_image = (g.Ho + height - 1) / height;
   const int64_t threads = at::get_num_threads();
-  if (per_image < 2 || g.N * (per_image / 2) < 2 * threads) return 0;
+  if (g.has_doff ? g.N < 2 * threads : per_image < 2 || g.N * (per_image / 2) < 2 * threads)
+    return 0;
   if (threads * height * g.Wo * (2 * L + g.O) * elt > chunk_bytes) return 0;
   return height;
 }
@@ -599,11 +603,14 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
   const auto segs = make_segments(g);
   const int64_t L = g.row_len(), threads = at::get_num_threads();
   const int64_t most = height * g.Wo, per_image = (g.Ho + height - 1) / height;
-  std::vector<Chunk> bands[2];  // by phase
+  // By phase; with data offsets one phase, whose slots take whole images.
+  std::vector<Chunk> bands[2];
   for (int64_t n = 0; n < g.N; ++n)
     for (int64_t b = 0; b < per_image; ++b)
-      bands[b % 2].push_back(Chunk{{n, 1, b * height, std::min(height, g.Ho - b * height)}});
-  const int64_t slots = std::min<int64_t>(static_cast<int64_t>(bands[1].size()), 4 * threads);
+      bands[g.has_doff ? 0 : b % 2].push_back(
+          Chunk{{n, 1, b * height, std::min(height, g.Ho - b * height)}});
+  const int64_t slots = std::min<int64_t>(
+      g.has_doff ? g.N : static_cast<int64_t>(bands[1].size()), 4 * threads);
   // Per-thread buffers, allocated here: buffers allocated in the worker
   // threads are page-faulted in again on every call.
   const auto opts = grad_out.options();
@@ -629,17 +636,21 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
     PassOutputs<T> po;
     po.offsets = out.ptrs();
     po.col = need.weight ? col[tid].template data_ptr<T>() : nullptr;
-    po.gin = gin;
+    po.gin = g.has_doff ? nullptr : gin;
     backward_rows_isa<T>(c, gr, po, int64_t(0), P);
+    if (gin && g.has_doff) input_grad_scatter_isa<T>(c, gr, g.C, int64_t(0), int64_t(1), gin);
     if (need.weight) {
       at::Tensor acc_slot = acc[slot];
       gemm_weight_grad_add(gout, col[tid].narrow(0, 0, P * L).view({1, ch.rows, g.Wo, L}),
                            acc_slot, g.groups);
     }
   };
-  for (int phase = 0; phase < 2; ++phase) {
+  for (int phase = 0; phase < (g.has_doff ? 1 : 2); ++phase) {
     const int64_t count = static_cast<int64_t>(bands[phase].size());
-    const auto runs = split(count, (count + slots - 1) / slots);  // <= slots runs
+    // <= slots runs of bands; with data offsets, of whole images
+    const int64_t unit = g.has_doff ? per_image : 1, units = count / unit;
+    auto runs = split(units, (units + slots - 1) / slots);
+    for (auto& r : runs) r = {r.first * unit, r.second * unit};
     parallel_blocks(static_cast<int64_t>(runs.size()), 1, [&](int64_t b, int64_t e) {
       const int64_t tid = at::get_thread_num();
       for (int64_t slot = b; slot < e; ++slot)
