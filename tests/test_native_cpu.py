@@ -1,8 +1,9 @@
 """Native CPU kernels, cases specific to the implementation: chunking of the
 column buffer (whole images and output rows), empty problems, NaN/Inf
 offsets, the depthwise and grouped layouts, mask without data offsets, the
-fp32 oneDNN GEMM path and determinism. The oracle is the pure-PyTorch column
-form of erftool.ops.reference, differentiated by autograd, in float64."""
+fp32 oneDNN GEMM path, determinism and the band pipeline of the backward.
+The oracle is the pure-PyTorch column form of erftool.ops.reference,
+differentiated by autograd, in float64."""
 import math
 
 import pytest
