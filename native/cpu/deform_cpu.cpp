@@ -627,7 +627,7 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
     const int64_t P = ch.positions(g);
     // The band's grad_out as channels-last rows (P, O).
     T* rows = gout_buf[tid].template data_ptr<T>();
-    transpose_block(go + (ch.n0 * g.O * g.Ho + ch.y0) * g.Wo, g.Ho * g.Wo, rows, g.O, 0, g.O, 0, P);
+    band_rows_into(go, g.O, g.Ho, g.Wo, ch, rows);
     const at::Tensor gout = at::from_blob(rows, {1, g.O, ch.rows, g.Wo},
                                           {P * g.O, 1, g.Wo * g.O, g.O}, opts);
     if (need.any_g()) gemm_column_grad(gout, wp, g.groups, gbuf[tid].narrow(0, 0, P * L).view({P, L}));

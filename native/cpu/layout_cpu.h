@@ -109,6 +109,14 @@ struct RowBand {
   int64_t n0, nc, y0, rows;
 };
 
+// The band of a contiguous NCHW (N, C, H, W) array as channels-last rows
+// (nc * rows * W, C), written into out.
+template <typename T>
+void band_rows_into(const T* nchw, int64_t C, int64_t H, int64_t W, const RowBand& b, T* out) {
+  transpose_planes<T>(nchw + (b.n0 * C * H + b.y0) * W, C * H * W, H * W, out, b.rows * W * C, C,
+                      b.nc, C, b.rows * W);
+}
+
 // The band of contiguous NCHW `nchw` as a channels-last (nc, C, rows, W) tensor.
 inline at::Tensor band_to_channels_last(const at::Tensor& nchw, const RowBand& b) {
   TORCH_INTERNAL_ASSERT(nchw.is_contiguous());
@@ -117,9 +125,7 @@ inline at::Tensor band_to_channels_last(const at::Tensor& nchw, const RowBand& b
                                                        at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(nchw.scalar_type(), "erftool_band_to_channels_last", [&] {
-    transpose_planes<scalar_t>(nchw.data_ptr<scalar_t>() + (b.n0 * C * H + b.y0) * W, C * H * W,
-                               H * W, out.data_ptr<scalar_t>(), b.rows * W * C, C, b.nc, C,
-                               b.rows * W);
+    band_rows_into<scalar_t>(nchw.data_ptr<scalar_t>(), C, H, W, b, out.data_ptr<scalar_t>());
   });
   return out;
 }
