@@ -81,8 +81,7 @@ def _corners(offset: Tensor, kernel_size, scope, offset_groups: int) -> _Corners
     inside = (y > -1) & (x > -1) & (y < sh) & (x < sw)
     y, x = torch.where(inside, y, 0.0), torch.where(inside, x, 0.0)  # no NaN past here
     y0, x0 = y.detach().floor(), x.detach().floor()
-    dy = torch.tensor(_CORNER_ROWS, dtype=y.dtype, device=y.device)
-    dx = torch.tensor(_CORNER_COLS, dtype=x.dtype, device=x.device)
+    dy, dx = torch.tensor((_CORNER_ROWS, _CORNER_COLS), dtype=y.dtype, device=y.device)
     cy, cx = y0 + dy, x0 + dx  # (N, G, K, 4) corner cells
     # Linear in the fraction (1 - f for the floor corner, f for the next one):
     # the slope stays exact at integer positions, where f = 0.
