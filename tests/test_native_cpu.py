@@ -1,7 +1,8 @@
 """Native CPU kernels, cases specific to the implementation: chunking of the
 column buffer (whole images and output rows), empty problems, NaN/Inf
 offsets, the depthwise and grouped layouts, mask without data offsets, the
-fp32 oneDNN GEMM path, determinism and the band pipeline of the backward.
+fp32 oneDNN GEMM path, determinism, the depthwise pass and the band pipeline
+of the backward.
 The oracle is the pure-PyTorch column form of erftool.ops.reference,
 differentiated by autograd, in float64."""
 import math
@@ -159,8 +160,10 @@ def test_empty_problems(cfg):
             assert g.shape == t[name].shape and not g.any()
 
 
-def test_output_mask_leaves_unwanted_gradients_undefined():
-    cfg = config(doff=True, mask=True)
+@pytest.mark.parametrize("cfg", [config(doff=True, mask=True),
+                                 config(N=5, C=6, O=6, groups=6, doff=True, mask=True)],
+                         ids=["dense", "depthwise"])
+def test_output_mask_leaves_unwanted_gradients_undefined(cfg):
     t = make(cfg)
     grad = torch.ones(cfg["N"], cfg["O"], *out_size(cfg), dtype=torch.float64)
     for i in range(5):
@@ -226,10 +229,11 @@ def test_float32_channels_last_copies_match_float64(cfg, chunk):
             torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3)
 
 
-def test_depthwise_results_do_not_depend_on_thread_count():
+@pytest.mark.parametrize("n", [3, 5], ids=["separate_input_pass", "whole_image_tasks"])
+def test_depthwise_results_do_not_depend_on_thread_count(n):
     # The depthwise path has no GEMM: every reduction order is fixed by the
     # kernels, so the results are bitwise identical whatever the threads.
-    cfg = config(N=3, C=16, O=16, H=11, W=10, groups=16, G=2, DG=2, doff=True, mask=True)
+    cfg = config(N=n, C=16, O=16, H=11, W=10, groups=16, G=2, DG=2, doff=True, mask=True)
     t = {k: v.float() for k, v in make(cfg).items()}
     grad = torch.randn(cfg["N"], cfg["O"], *out_size(cfg))
     threads = torch.get_num_threads()
@@ -244,6 +248,36 @@ def test_depthwise_results_do_not_depend_on_thread_count():
         assert torch.equal(out, runs[0][0])
         for a, b in zip(grads, runs[0][1]):
             assert torch.equal(a, b)
+
+
+# The depthwise pass: one channel loop per tap for every gradient, with 1 or 4
+# scope corners (S = K unshifted, or not) and 1 or 4 data corners (rigid grid
+# or data offsets). From kMinImageTasks (4) images per chunk, with data
+# offsets, it takes whole images per task and scatters the input gradient
+# itself; 5 images leave threads uneven work.
+DEPTHWISE_CASES = {
+    "dk": config(N=5, C=8, O=8, groups=8, G=2),
+    "dk_dc_mask": config(N=5, C=8, O=8, groups=8, G=2, DG=4, doff=True, mask=True),
+    "dc_v1": config(N=5, C=8, O=8, groups=8, koff=False, S=(3, 3), doff=True),
+    "dc_v2_scope4": config(N=5, C=8, O=8, groups=8, koff=False, doff=True, mask=True),
+    "mask_rigid_grid": config(N=5, C=8, O=8, groups=8, koff=False, S=(3, 3), mask=True),
+    "stride_dilation_nonsquare": config(N=5, C=6, O=6, groups=6, k=(2, 3), S=(3, 5),
+                                        s=(2, 1), p=(0, 2), d=(2, 1), H=9, W=8, G=3, DG=2,
+                                        doff=True, mask=True),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("name", list(DEPTHWISE_CASES))
+def test_depthwise_pass_matches_reference(name, threads):
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check_against_reference(DEPTHWISE_CASES[name])
+        # one row per chunk: no whole images, a separate input-gradient pass
+        check_against_reference(DEPTHWISE_CASES[name], chunk=1)
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -86,27 +86,11 @@ ERFTOOL_ALWAYS_INLINE void axpy(int64_t n, T a, const T* __restrict x, T* __rest
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-// y += a * x1 * x2 (elementwise).
-template <typename T>
-ERFTOOL_ALWAYS_INLINE void axpy2(int64_t n, T a, const T* __restrict x1,
-                                 const T* __restrict x2, T* __restrict y) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x1[i] * x2[i];
-}
-
 template <typename T>
 ERFTOOL_ALWAYS_INLINE T dot(int64_t n, const T* __restrict a, const T* __restrict b) {
   T s = T(0);
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-template <typename T>
-ERFTOOL_ALWAYS_INLINE T dot3(int64_t n, const T* __restrict a, const T* __restrict b,
-                             const T* __restrict c) {
-  T s = T(0);
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i] * c[i];
   return s;
 }
 
@@ -416,16 +400,14 @@ struct DenseGrad {
   }
 };
 
-// Depthwise: G[p][s][c] = grad_out[p][c] * Wt[s][c], never materialised.
+// Depthwise: G[p][s][c] = grad_out[p][c] * Wt[s][c], never materialised
+// (for the separate input-gradient passes; depthwise_backward_rows below
+// does the rest).
 template <typename T>
 struct DepthwiseGrad {
   const T* gout;  // (positions, C)
   const T* wt;    // (S2, C)
   int64_t C;
-  ERFTOOL_ALWAYS_INLINE T dot_cell(int64_t p, const Segment&, int64_t cs, int64_t len,
-                                   int64_t s, const T* x) const {
-    return dot3(len, x, gout + p * C + cs, wt + s * C + cs);
-  }
   const T* zeros;  // C zeros
   ERFTOOL_ALWAYS_INLINE void tap_grad(int64_t p, const Segment&, int64_t cs, int64_t len,
                                       const BilinearCorners<T>& k, T scale, T* dst) const {
@@ -446,18 +428,38 @@ template <typename T>
 struct PassOutputs {
   OffsetGrads<T> offsets;
   T* col = nullptr;   // column rows of the chunk, rebuilt for the weight GEMM
-  T* gin = nullptr;   // (N, H, W, C) input gradient, rigid data grid only
-  T* wacc = nullptr;  // depthwise weight gradient (S2, C) of this block
-  const T* gout = nullptr;  // depthwise: grad_out rows (positions, C), for wacc
+  T* gin = nullptr;  // (N, H, W, C) input gradient, rigid data grid only
 };
+
+// The offset and mask gradients of tap t at output (n, q), one per group.
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void store_offset_grads(const Geometry& g, const OffsetGrads<T>& out,
+                                              int64_t n, int64_t t, int64_t q,
+                                              const std::vector<T>& gk, const std::vector<T>& gd,
+                                              const std::vector<T>& gm) {
+  const int64_t P = g.plane();
+  if (out.koff)
+    for (int64_t kg = 0; kg < g.G; ++kg) {
+      T* o = out.koff + (n * 2 * g.G * g.K + kg * 2 * g.K + 2 * t) * P + q;
+      o[0] = gk[2 * kg];
+      o[P] = gk[2 * kg + 1];
+    }
+  for (int64_t dg = 0; dg < g.DG; ++dg) {
+    if (out.doff) {
+      T* o = out.doff + (n * 2 * g.DG * g.K + dg * 2 * g.K + 2 * t) * P + q;
+      o[0] = gd[2 * dg];
+      o[P] = gd[2 * dg + 1];
+    }
+    if (out.mask) out.mask[(n * g.DG * g.K + dg * g.K + t) * P + q] = gm[dg];
+  }
+}
 
 // The fused backward pass over positions [p0, p1), sharing one set of tap
 // corners and input reads between:
 //  * kernel-offset, data-offset and mask gradients, each a reduction over its
 //    group's channels (no atomics), built from f_ij = sum_c X_j[c] G[s_i][c]
 //    for scope corner i and data corner j;
-//  * the column rows for the weight GEMM (po.col), or the depthwise weight
-//    gradient (po.wacc);
+//  * the column rows for the weight GEMM (po.col);
 //  * on a rigid data grid, the input gradient (po.gin), each tap's gradient
 //    scattered into its pixel, so that a position's column-gradient row is
 //    read once, from cache, for everything. A pass with gin must run in
@@ -468,7 +470,7 @@ ERFTOOL_ALWAYS_INLINE void backward_rows(const Ctx<T>& c, const Grad& gr,
                                          const PassOutputs<T>& po, int64_t p0, int64_t p1) {
   const Geometry& g = *c.g;
   Scratch<T> s(g);
-  const int64_t P = g.plane(), len_row = g.row_len();
+  const int64_t len_row = g.row_len();
   const OffsetGrads<T>& out = po.offsets;
   T* const col = po.col;
   T* const gin = po.gin;
@@ -487,18 +489,6 @@ ERFTOOL_ALWAYS_INLINE void backward_rows(const Ctx<T>& c, const Grad& gr,
         sample_tap(c, n, y, x, a, b, s);
         if (col)
           for (int64_t si = 0; si < c.nsegs; ++si) scatter_tap(s, si, img, g.C, rw);
-        if (po.wacc)
-          for (int64_t si = 0; si < c.nsegs; ++si) {
-            const Segment& sg = c.segs[si];
-            const int64_t len = sg.c1 - sg.c0;
-            const T* v = tap_values(s.dc[sg.dg], s.m[sg.dg], img, g.C, sg.c0, len, s.v.data());
-            if (!v) continue;
-            const BilinearCorners<T>& k = s.kc[sg.kg];
-            for (int j = 0; j < 4; ++j)
-              if (k.index[j] >= 0 && k.weight[j] != T(0))
-                axpy2(len, k.weight[j], v, po.gout + p * g.C + sg.c0,
-                      po.wacc + sg.c0 + k.index[j] * g.C);
-          }
         if (gin)
           for (int64_t si = 0; si < c.nsegs; ++si) {
             const Segment& sg = c.segs[si];
@@ -535,22 +525,188 @@ ERFTOOL_ALWAYS_INLINE void backward_rows(const Ctx<T>& c, const Grad& gr,
             gd[2 * sg.dg + 1] += m * k.weight[i] * hx;
           }
         }
-        if (out.koff)
-          for (int64_t kg = 0; kg < g.G; ++kg) {
-            T* o = out.koff + (n * 2 * g.G * g.K + kg * 2 * g.K + 2 * t) * P + q;
-            o[0] = gk[2 * kg];
-            o[P] = gk[2 * kg + 1];
-          }
-        for (int64_t dg = 0; dg < g.DG; ++dg) {
-          if (out.doff) {
-            T* o = out.doff + (n * 2 * g.DG * g.K + dg * 2 * g.K + 2 * t) * P + q;
-            o[0] = gd[2 * dg];
-            o[P] = gd[2 * dg + 1];
-          }
-          if (out.mask) out.mask[(n * g.DG * g.K + dg * g.K + t) * P + q] = gm[dg];
-        }
+        store_offset_grads(g, out, n, t, q, gk, gd, gm);
       }
     if (col) rw.finish();
+  }
+}
+
+// ---------------------------------------------------------------- depthwise backward
+
+// The depthwise layers have no column rows to hand to a GEMM: one pass reads
+// each tap's input and weight rows once per channel vector and produces every
+// gradient from them. For a tap with sampled weight kv = sum_i kw_i W_i
+// (scope corners i) and data sample vu = sum_j dw_j X_j (input corners j),
+// mask m and grad_out go, per channel:
+//   weight   W_i += m * kw_i * vu * go
+//   input    X_j += m * dw_j * kv * go
+// and the offset and mask gradients need only the channel sums
+//   A_i = sum_c W_i vu go,  B_j = sum_c X_j kv go:
+//   kernel offset m * sum_i slope_i A_i, data offset m * sum_j slope_j B_j,
+//   mask sum_i kw_i A_i.
+// (perf, depthwise 56x56x256: the generic pass plus a separate data-offset
+// scatter read each row up to five times, in nine loops per tap.)
+
+// Outputs of the depthwise pass (null = not wanted).
+template <typename T>
+struct DepthwiseOutputs {
+  OffsetGrads<T> offsets;
+  T* wacc = nullptr;  // weight gradient (S2, C) of this block, accumulated
+  T* gin = nullptr;   // (N, H, W, C) input gradient; callers keep writers apart
+};
+
+// The corners of one bilinear sample that take part, packed first and padded
+// to four with zero rows to read and private scratch rows to write, so the
+// channel loop has no branches and no two of its write rows alias.
+template <typename T>
+struct PackedCorners {
+  const T* read[4];
+  T* write[4];
+  T w[4], dy[4], dx[4];
+  int n = 0;
+};
+
+// slopes: keep zero-weight corners (their slope still counts). A corner with
+// zero weight, or with no write base, writes to its scratch row.
+template <typename T>
+ERFTOOL_ALWAYS_INLINE PackedCorners<T> pack_corners(const BilinearCorners<T>& k, bool slopes,
+                                                    const T* read_base, T* write_base,
+                                                    int64_t stride, const T* zeros, T* scratch) {
+  PackedCorners<T> u;
+  for (int i = 0; i < 4; ++i) {
+    if (k.index[i] < 0 || (k.weight[i] == T(0) && !slopes)) continue;
+    const int s = u.n++;
+    u.read[s] = read_base + k.index[i] * stride;
+    u.write[s] = write_base && k.weight[i] != T(0) ? write_base + k.index[i] * stride
+                                                   : scratch + s * stride;
+    u.w[s] = k.weight[i], u.dy[s] = k.d_dy[i], u.dx[s] = k.d_dx[i];
+  }
+  for (int s = u.n; s < 4; ++s) {
+    u.read[s] = zeros;
+    u.write[s] = scratch + s * stride;
+    u.w[s] = u.dy[s] = u.dx[s] = T(0);
+  }
+  return u;
+}
+
+// One tap over `len` channels: NK scope corners and ND data corners (1 or 4),
+// weight gradient (kW) and input gradient (kIn) accumulated in place; the
+// channel sums A_i, B_j returned.
+template <int NK, int ND, bool kW, bool kIn, typename T>
+ERFTOOL_ALWAYS_INLINE void depthwise_tap_channels(int64_t len, T m, const T* __restrict go,
+                                                  const PackedCorners<T>& k,
+                                                  const PackedCorners<T>& d, T* A, T* B) {
+  const T *__restrict W0 = k.read[0], *__restrict W1 = k.read[1];
+  const T *__restrict W2 = k.read[2], *__restrict W3 = k.read[3];
+  const T *__restrict X0 = d.read[0], *__restrict X1 = d.read[1];
+  const T *__restrict X2 = d.read[2], *__restrict X3 = d.read[3];
+  T *__restrict V0 = k.write[0], *__restrict V1 = k.write[1];
+  T *__restrict V2 = k.write[2], *__restrict V3 = k.write[3];
+  T *__restrict G0 = d.write[0], *__restrict G1 = d.write[1];
+  T *__restrict G2 = d.write[2], *__restrict G3 = d.write[3];
+  const T kw0 = k.w[0], kw1 = k.w[1], kw2 = k.w[2], kw3 = k.w[3];
+  const T dw0 = d.w[0], dw1 = d.w[1], dw2 = d.w[2], dw3 = d.w[3];
+  const T mk0 = m * kw0, mk1 = m * kw1, mk2 = m * kw2, mk3 = m * kw3;
+  const T md0 = m * dw0, md1 = m * dw1, md2 = m * dw2, md3 = m * dw3;
+  T a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+  for (int64_t c = 0; c < len; ++c) {
+    T kv = kw0 * W0[c], vu = dw0 * X0[c];
+    if constexpr (NK > 1) kv += kw1 * W1[c] + kw2 * W2[c] + kw3 * W3[c];
+    if constexpr (ND > 1) vu += dw1 * X1[c] + dw2 * X2[c] + dw3 * X3[c];
+    const T vg = vu * go[c], kg = kv * go[c];
+    a0 += W0[c] * vg;
+    b0 += X0[c] * kg;
+    if constexpr (NK > 1) a1 += W1[c] * vg, a2 += W2[c] * vg, a3 += W3[c] * vg;
+    if constexpr (ND > 1) b1 += X1[c] * kg, b2 += X2[c] * kg, b3 += X3[c] * kg;
+    if constexpr (kW) {
+      V0[c] += mk0 * vg;
+      if constexpr (NK > 1) V1[c] += mk1 * vg, V2[c] += mk2 * vg, V3[c] += mk3 * vg;
+    }
+    if constexpr (kIn) {
+      G0[c] += md0 * kg;
+      if constexpr (ND > 1) G1[c] += md1 * kg, G2[c] += md2 * kg, G3[c] += md3 * kg;
+    }
+  }
+  A[0] = a0, A[1] = a1, A[2] = a2, A[3] = a3;
+  B[0] = b0, B[1] = b1, B[2] = b2, B[3] = b3;
+}
+
+template <int NK, int ND, typename T>
+ERFTOOL_ALWAYS_INLINE void depthwise_tap_wants(bool weight, bool input, int64_t len, T m,
+                                               const T* go, const PackedCorners<T>& k,
+                                               const PackedCorners<T>& d, T* A, T* B) {
+  if (weight && input)
+    depthwise_tap_channels<NK, ND, true, true>(len, m, go, k, d, A, B);
+  else if (weight)
+    depthwise_tap_channels<NK, ND, true, false>(len, m, go, k, d, A, B);
+  else if (input)
+    depthwise_tap_channels<NK, ND, false, true>(len, m, go, k, d, A, B);
+  else
+    depthwise_tap_channels<NK, ND, false, false>(len, m, go, k, d, A, B);
+}
+
+// The depthwise backward over positions [p0, p1) of the chunk; gout is the
+// chunk's grad_out as (positions, C). With out.gin the caller must keep
+// concurrent passes off each other's input pixels (row-block phases on a
+// rigid grid, whole images with data offsets).
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void depthwise_backward_rows(const Ctx<T>& c, const T* gout,
+                                                   const DepthwiseOutputs<T>& out, int64_t p0,
+                                                   int64_t p1) {
+  const Geometry& g = *c.g;
+  Scratch<T> s(g);
+  const int64_t C = g.C;
+  const std::vector<T> zeros(C, T(0));
+  std::vector<T> scratch(8 * C);
+  std::vector<T> gk(2 * g.G), gd(2 * g.DG), gm(g.DG);
+  const OffsetGrads<T>& og = out.offsets;
+  const bool weight = out.wacc != nullptr, input = out.gin != nullptr;
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t n, y, x;
+    decode(c, p, &n, &y, &x);
+    const int64_t q = y * g.Wo + x;
+    const T* img = c.image(n);
+    T* gimg = input ? out.gin + n * g.H * g.W * C : nullptr;
+    const T* go = gout + p * C;
+    for (int64_t a = 0; a < g.Kh; ++a)
+      for (int64_t b = 0; b < g.Kw; ++b) {
+        sample_tap(c, n, y, x, a, b, s);
+        std::fill(gk.begin(), gk.end(), T(0));
+        std::fill(gd.begin(), gd.end(), T(0));
+        std::fill(gm.begin(), gm.end(), T(0));
+        for (int64_t si = 0; si < c.nsegs; ++si) {
+          const Segment& sg = c.segs[si];
+          const PackedCorners<T> k =
+              pack_corners(s.kc[sg.kg], og.koff != nullptr, c.wt + sg.c0,
+                           weight ? out.wacc + sg.c0 : nullptr, C, zeros.data(), scratch.data());
+          const PackedCorners<T> d =
+              pack_corners(s.dc[sg.dg], og.doff != nullptr, img + sg.c0,
+                           input ? gimg + sg.c0 : nullptr, C, zeros.data(), scratch.data() + 4 * C);
+          if (k.n == 0 || d.n == 0) continue;
+          const T m = s.m[sg.dg];
+          const int64_t len = sg.c1 - sg.c0;
+          T A[4], B[4];
+          if (k.n == 1 && d.n == 1)
+            depthwise_tap_wants<1, 1>(weight, input, len, m, go + sg.c0, k, d, A, B);
+          else if (d.n == 1)
+            depthwise_tap_wants<4, 1>(weight, input, len, m, go + sg.c0, k, d, A, B);
+          else if (k.n == 1)
+            depthwise_tap_wants<1, 4>(weight, input, len, m, go + sg.c0, k, d, A, B);
+          else
+            depthwise_tap_wants<4, 4>(weight, input, len, m, go + sg.c0, k, d, A, B);
+          for (int i = 0; i < k.n; ++i) {
+            gk[2 * sg.kg] += m * k.dy[i] * A[i];
+            gk[2 * sg.kg + 1] += m * k.dx[i] * A[i];
+            gm[sg.dg] += k.w[i] * A[i];
+          }
+          for (int j = 0; j < d.n; ++j) {
+            gd[2 * sg.dg] += m * d.dy[j] * B[j];
+            gd[2 * sg.dg + 1] += m * d.dx[j] * B[j];
+          }
+        }
+        store_offset_grads(g, og, n, a * g.Kw + b, q, gk, gd, gm);
+      }
   }
 }
 
