@@ -252,9 +252,10 @@ def test_depthwise_results_do_not_depend_on_thread_count(n):
 
 # The depthwise pass: one channel loop per tap for every gradient, with 1 or 4
 # scope corners (S = K unshifted, or not) and 1 or 4 data corners (rigid grid
-# or data offsets). From kMinImageTasks (4) images per chunk, with data
-# offsets, it takes whole images per task and scatters the input gradient
-# itself; 5 images leave threads uneven work.
+# or data offsets). From kMinImageTasks (4) images the depthwise ops run one
+# image per task (channels-last copies in per-thread buffers, the input
+# gradient scattered by the pass); 5 images leave threads uneven work. One
+# row per chunk takes the chunk path instead.
 DEPTHWISE_CASES = {
     "dk": config(N=5, C=8, O=8, groups=8, G=2),
     "dk_dc_mask": config(N=5, C=8, O=8, groups=8, G=2, DG=4, doff=True, mask=True),
@@ -274,7 +275,6 @@ def test_depthwise_pass_matches_reference(name, threads):
     try:
         torch.set_num_threads(threads)
         check_against_reference(DEPTHWISE_CASES[name])
-        # one row per chunk: no whole images, a separate input-gradient pass
         check_against_reference(DEPTHWISE_CASES[name], chunk=1)
     finally:
         torch.set_num_threads(saved)

@@ -102,7 +102,8 @@ struct Ctx {
   const Geometry* g;
   const Segment* segs;
   int64_t nsegs;
-  const T* x;       // input, (N, H, W, C)
+  const T* x;       // input, (N, H, W, C) from image x_n0 on
+  int64_t x_n0 = 0;
   const T* koff;    // (N, 2*G*K, Ho, Wo) or null
   const T* doff;    // (N, 2*DG*K, Ho, Wo) or null
   const T* mask;    // (N, DG*K, Ho, Wo) or null
@@ -110,7 +111,7 @@ struct Ctx {
   int64_t n0, nc, y0, rows;  // the chunk
 
   int64_t positions() const { return nc * rows * g->Wo; }
-  const T* image(int64_t n) const { return x + n * g->H * g->W * g->C; }
+  const T* image(int64_t n) const { return x + (n - x_n0) * g->H * g->W * g->C; }
 };
 
 // Per-task scratch: corners of every group for the current tap, channel buffers.
@@ -552,7 +553,8 @@ template <typename T>
 struct DepthwiseOutputs {
   OffsetGrads<T> offsets;
   T* wacc = nullptr;  // weight gradient (S2, C) of this block, accumulated
-  T* gin = nullptr;   // (N, H, W, C) input gradient; callers keep writers apart
+  T* gin = nullptr;   // (N, H, W, C) input gradient from image gin_n0 on; callers
+  int64_t gin_n0 = 0;  // keep concurrent writers apart
 };
 
 // The corners of one bilinear sample that take part, packed first and padded
@@ -667,7 +669,7 @@ ERFTOOL_ALWAYS_INLINE void depthwise_backward_rows(const Ctx<T>& c, const T* gou
     decode(c, p, &n, &y, &x);
     const int64_t q = y * g.Wo + x;
     const T* img = c.image(n);
-    T* gimg = input ? out.gin + n * g.H * g.W * C : nullptr;
+    T* gimg = input ? out.gin + (n - out.gin_n0) * g.H * g.W * C : nullptr;
     const T* go = gout + p * C;
     for (int64_t a = 0; a < g.Kh; ++a)
       for (int64_t b = 0; b < g.Kw; ++b) {

@@ -134,6 +134,14 @@ inline at::Tensor to_channels_last(const at::Tensor& nchw) {
   return band_to_channels_last(nchw, {0, nchw.size(0), 0, nchw.size(2)});
 }
 
+// Channels-last rows (nc * rows * W, C) written into the band of a contiguous
+// NCHW (N, C, H, W) array: the inverse of band_rows_into.
+template <typename T>
+void rows_into_band(const T* rows, int64_t C, int64_t H, int64_t W, const RowBand& b, T* nchw) {
+  transpose_planes<T>(rows, b.rows * W * C, C, nchw + (b.n0 * C * H + b.y0) * W, C * H * W,
+                      H * W, b.nc, b.rows * W, C);
+}
+
 // Position-major rows (nc * rows * W, C) written into the band of contiguous
 // NCHW `out`.
 inline void rows_to_band(const at::Tensor& rows_buf, const RowBand& b, at::Tensor& out) {
@@ -141,9 +149,8 @@ inline void rows_to_band(const at::Tensor& rows_buf, const RowBand& b, at::Tenso
   const int64_t C = out.size(1), H = out.size(2), W = out.size(3);
   if (b.nc * b.rows * W * C == 0) return;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "erftool_rows_to_band", [&] {
-    transpose_planes<scalar_t>(rows_buf.data_ptr<scalar_t>(), b.rows * W * C, C,
-                               out.data_ptr<scalar_t>() + (b.n0 * C * H + b.y0) * W, C * H * W,
-                               H * W, b.nc, b.rows * W, C);
+    rows_into_band<scalar_t>(rows_buf.data_ptr<scalar_t>(), C, H, W, b,
+                             out.data_ptr<scalar_t>());
   });
 }
 
