@@ -16,6 +16,16 @@ to conv3x3 of the same shape measured in the same run: the ratio of medians,
 and the "paired" median of per-repeat ratios with conv3x3 timed right before
 each repeat (robust to other processes loading a shared machine).
 
+Allocator: glibc's malloc hands large freed blocks back to the system and
+page-faults them in again on the next call. On the 2-core VM these results
+come from, that cost more than the depthwise conv2d itself (115 ms
+forward+backward against 30 ms with freed memory kept; kernel time 4.4 s
+against 0.6 s) and varied several-fold with the host's load. By default
+(--allocator steady) the script re-runs itself with glibc told to keep freed
+memory (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_): the steady state of a
+caching allocator such as jemalloc or tcmalloc, for the baseline and our ops
+alike. --allocator system keeps glibc's defaults.
+
 Usage:
     python benchmarks/bench_ops.py [--threads 2] [--repeats 5] [--quick] [--json out.json]
 """
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -39,6 +50,9 @@ if str(ROOT) not in sys.path:
 # Targets on CPU (fwd+bwd ratio to conv3x3; native/reference speed-up).
 TARGETS = {"dk_s4": 3.0, "dk_s3": 3.0, "dk_global": 1.5, "dc": 3.0}
 MIN_SPEEDUP_VS_REFERENCE = 10.0
+
+# glibc tunables that keep freed memory (see the module docstring).
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 # (name, N, C_in, C_out, H=W, groups)
 SHAPES = [
@@ -187,7 +201,8 @@ def run(args):
     _summary(rows)
     if args.json:
         meta = dict(threads=args.threads, repeats=args.repeats, torch=torch.__version__,
-                    cpu=_cpu_name(), machine=platform.machine(), dtype="float32")
+                    cpu=_cpu_name(), machine=platform.machine(), dtype="float32",
+                    allocator=args.allocator)
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
 
@@ -256,7 +271,16 @@ def main(argv=None):
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--quick", action="store_true", help="first shape only")
     ap.add_argument("--json", help="write the results to this file")
-    run(ap.parse_args(argv))
+    ap.add_argument("--allocator", choices=["steady", "system"], default="steady",
+                    help="steady: glibc keeps freed memory (default); system: glibc defaults")
+    argv = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(argv)
+    if args.allocator == "steady" and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
+        # glibc reads its tunables at start-up: run again with them set
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv],
+                  {**os.environ, **STEADY_MALLOC})
+    print(f"allocator: {args.allocator}", flush=True)
+    run(args)
 
 
 if __name__ == "__main__":
