@@ -211,8 +211,10 @@ def test_float32_gemm_path_matches_float64():
 
 @pytest.mark.parametrize("chunk", [DEFAULT_CHUNK, 1], ids=["whole", "row_bands"])
 @pytest.mark.parametrize("cfg", [config(C=20, O=12, H=11, W=13, doff=True, mask=True),
-                                 config(C=20, O=20, groups=20, H=11, W=13, G=2)],
-                         ids=["general", "depthwise"])
+                                 config(C=20, O=20, groups=20, H=11, W=13, G=2),
+                                 config(N=4, C=20, O=20, groups=20, H=11, W=13, G=2, doff=True,
+                                        mask=True)],
+                         ids=["general", "depthwise", "depthwise_image_tasks"])
 def test_float32_channels_last_copies_match_float64(cfg, chunk):
     # float32 moves between NCHW and channels-last rows by 8 x 8 register
     # transposes (ragged edges element-wise): 20 channels and 11 x 13 maps
