@@ -34,8 +34,9 @@ def resample(w, index, weight):
     return out
 
 
-# m: one partial block, several whole blocks, a ragged last block
-@pytest.mark.parametrize("m, cells", [(1, 9), (7, 16), (1024, 16), (1300, 25)])
+# m against blocks of 512 columns (forward) and 2048 (backward): one partial
+# block, several whole blocks, a ragged last block
+@pytest.mark.parametrize("m, cells", [(1, 9), (7, 16), (1024, 16), (1300, 25), (4500, 16)])
 def test_matches_the_dense_product_with_both_gradients(m, cells):
     g = torch.Generator().manual_seed(m)
     w = torch.randn(m, cells, dtype=torch.float64, generator=g)

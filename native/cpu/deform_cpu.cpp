@@ -26,43 +26,12 @@
 #include <vector>
 
 #include "deform_cpu_kernels.h"
+#include "isa_dispatch.h"
 #include "layout_cpu.h"
 
 namespace erftool {
 namespace cpu {
 namespace {
-
-// ------------------------------------------------------------ ISA dispatch
-// The hot loops are compiled twice, for AVX2+FMA and for the baseline ISA
-// (the extension is built without -march flags), and picked at run time.
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define ERFTOOL_AVX2_TARGET __attribute__((target("avx2,fma")))
-bool use_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-#else
-#define ERFTOOL_AVX2_TARGET
-bool use_avx2() { return false; }
-#endif
-
-#define ERFTOOL_ISA_VARIANTS(name)                                              \
-  template <typename T, typename... A>                                          \
-  ERFTOOL_AVX2_TARGET void name##_avx2(A... a) {                                \
-    name<T>(a...);                                                              \
-  }                                                                             \
-  template <typename T, typename... A>                                          \
-  void name##_base(A... a) {                                                    \
-    name<T>(a...);                                                              \
-  }                                                                             \
-  template <typename T, typename... A>                                          \
-  void name##_isa(A... a) {                                                     \
-    if (use_avx2())                                                             \
-      name##_avx2<T>(a...);                                                     \
-    else                                                                        \
-      name##_base<T>(a...);                                                     \
-  }
 
 ERFTOOL_ISA_VARIANTS(build_rows)
 ERFTOOL_ISA_VARIANTS(depthwise_rows)
