@@ -583,11 +583,10 @@ void backward_chunk(const Geometry& g, const Ctx<T>& c, const Chunk& ch, const D
 // output rows (about kBandPositions positions, at most 2 MB of columns) and runs
 // a band's column-gradient GEMM, fused pass and weight GEMM on that thread,
 // back to back, while its buffers are still in cache. The input gradient is
-// scattered race-free: on a rigid data grid by the fused pass, with the bands
+// scattered race-free by the fused pass: on a rigid data grid with the bands
 // in two phases (even bands of every image, then odd ones; a band is at least
 // (K_h - 1) * d_h rows tall); with data offsets, whose taps may land anywhere
-// in the image, by a scatter pass after each band, every image's bands run
-// in order by one thread.
+// in the image, with every image's bands run in order by one thread.
 
 // Positions per band (fp32, 2 threads, forward+backward, interleaved A/B
 // against the chunk loop): 256 positions ran 0.71-0.79x of the chunk loop's
@@ -667,9 +666,8 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
     PassOutputs<T> po;
     po.offsets = out.ptrs();
     po.col = need.weight ? col[tid].template data_ptr<T>() : nullptr;
-    po.gin = g.has_doff ? nullptr : gin;
+    po.gin = gin;  // bands of one image run in order on one thread (data offsets)
     backward_rows_isa<T>(c, gr, po, int64_t(0), P);
-    if (gin && g.has_doff) input_grad_scatter_isa<T>(c, gr, g.C, int64_t(0), int64_t(1), gin);
     if (need.weight) {
       at::Tensor acc_slot = acc[slot];
       gemm_weight_grad_add(gout, col[tid].narrow(0, 0, P * L).view({1, ch.rows, g.Wo, L}),

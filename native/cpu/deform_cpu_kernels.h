@@ -429,7 +429,7 @@ template <typename T>
 struct PassOutputs {
   OffsetGrads<T> offsets;
   T* col = nullptr;   // column rows of the chunk, rebuilt for the weight GEMM
-  T* gin = nullptr;  // (N, H, W, C) input gradient, rigid data grid only
+  T* gin = nullptr;  // (N, H, W, C) input gradient
 };
 
 // Stores the offset and mask gradients of tap t at output (n, q), one per
@@ -459,17 +459,34 @@ ERFTOOL_ALWAYS_INLINE void flush_offset_grads(const Geometry& g, const OffsetGra
   }
 }
 
+// The gradient of one tap's bilinear data sample over channels [cs, cs + len)
+// of segment sg at position p, scattered into its <= 4 input pixels of the
+// image's (H, W, C) input gradient gimg.
+template <typename T, typename Grad>
+ERFTOOL_ALWAYS_INLINE void scatter_tap_grad(const Grad& gr, int64_t p, const Segment& sg,
+                                            int64_t cs, int64_t len, int64_t C, Scratch<T>& s,
+                                            T* gimg) {
+  const BilinearCorners<T>& d = s.dc[sg.dg];
+  if (d.index[0] < 0 && d.index[1] < 0 && d.index[2] < 0 && d.index[3] < 0) return;
+  T* v = s.v.data();
+  std::fill(v, v + len, T(0));
+  gr.tap_grad(p, sg, cs, len, s.kc[sg.kg], s.m[sg.dg], v);
+  for (int j = 0; j < 4; ++j)
+    if (d.index[j] >= 0 && d.weight[j] != T(0)) axpy(len, d.weight[j], v, gimg + d.index[j] * C + cs);
+}
+
 // The fused backward pass over positions [p0, p1), sharing one set of tap
 // corners and input reads between:
 //  * kernel-offset, data-offset and mask gradients, each a reduction over its
 //    group's channels (no atomics), built from f_ij = sum_c X_j[c] G[s_i][c]
 //    for scope corner i and data corner j;
 //  * the column rows for the weight GEMM (po.col);
-//  * on a rigid data grid, the input gradient (po.gin), each tap's gradient
-//    scattered into its pixel, so that a position's column-gradient row is
-//    read once, from cache, for everything. A pass with gin must run in
-//    row-block phases (row_block_phases) so that no two threads touch the
-//    same input pixel.
+//  * the input gradient (po.gin), each tap's gradient scattered into its pixel
+//    (rigid data grid) or its <= 4 corner pixels (data offsets), so that a
+//    position's column-gradient row is read once, from cache, for everything.
+//    Concurrent passes with gin must not touch the same input pixel:
+//    row-block phases (row_block_phases) on a rigid grid, whole images with
+//    data offsets.
 template <typename T, typename Grad>
 ERFTOOL_ALWAYS_INLINE void backward_rows(const Ctx<T>& c, const Grad& gr,
                                          const PassOutputs<T>& po, int64_t p0, int64_t p1) {
@@ -497,6 +514,10 @@ ERFTOOL_ALWAYS_INLINE void backward_rows(const Ctx<T>& c, const Grad& gr,
         if (gin)
           for (int64_t si = 0; si < c.nsegs; ++si) {
             const Segment& sg = c.segs[si];
+            if (c.doff) {
+              scatter_tap_grad(gr, p, sg, sg.c0, sg.c1 - sg.c0, g.C, s, gin + n * g.H * g.W * g.C);
+              continue;
+            }
             const int64_t pixel = s.dc[sg.dg].index[0];
             if (pixel < 0) continue;
             gr.tap_grad(p, sg, sg.c0, sg.c1 - sg.c0, s.kc[sg.kg], s.m[sg.dg],
@@ -770,15 +791,7 @@ ERFTOOL_ALWAYS_INLINE void input_grad_scatter(const Ctx<T>& c, const Grad& gr, i
             const Segment& sg = c.segs[si];
             const int64_t cs = std::max(sg.c0, lo), ce = std::min(sg.c1, hi);
             if (cs >= ce) continue;
-            const BilinearCorners<T>& d = s.dc[sg.dg];
-            if (d.index[0] < 0 && d.index[1] < 0 && d.index[2] < 0 && d.index[3] < 0) continue;
-            const int64_t len = ce - cs;
-            T* v = s.v.data();
-            std::fill(v, v + len, T(0));
-            gr.tap_grad(p, sg, cs, len, s.kc[sg.kg], s.m[sg.dg], v);
-            for (int j = 0; j < 4; ++j)
-              if (d.index[j] >= 0 && d.weight[j] != T(0))
-                axpy(len, d.weight[j], v, gimg + d.index[j] * g.C + cs);
+            scatter_tap_grad(gr, p, sg, cs, ce - cs, g.C, s, gimg);
           }
         }
     }
