@@ -202,7 +202,8 @@ def run(args):
     if args.json:
         meta = dict(threads=args.threads, repeats=args.repeats, torch=torch.__version__,
                     cpu=_cpu_name(), machine=platform.machine(), dtype="float32",
-                    allocator=args.allocator)
+                    allocator=args.allocator,
+                    malloc_env={k: os.environ.get(k) for k in STEADY_MALLOC})
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
 

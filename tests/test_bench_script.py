@@ -1,0 +1,33 @@
+"""benchmarks/bench_ops.py: a quick run writes its results and runs under the
+allocator setting it records (the steady setting re-runs the script with
+glibc's tunables set, which glibc reads only at start-up)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from erftool.ops import _native
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ops.py"
+STEADY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+
+
+@pytest.mark.skipif(_native.load_native() is None, reason="native module unavailable")
+@pytest.mark.parametrize("allocator", ["steady", "system"])
+def test_quick_run_records_its_allocator(tmp_path, allocator):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k not in STEADY}
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--repeats", "1", "--warmup", "0",
+         "--no-reference", "--allocator", allocator, "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert data["meta"]["allocator"] == allocator
+    expected = STEADY if allocator == "steady" else {k: None for k in STEADY}
+    assert data["meta"]["malloc_env"] == expected
+    ops = {(r["op"], r["backend"]) for r in data["rows"]}
+    assert {("conv3x3", "onednn"), ("dk_s4", "native"), ("dc", "native")} <= ops
