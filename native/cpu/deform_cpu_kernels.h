@@ -676,7 +676,7 @@ ERFTOOL_ALWAYS_INLINE void depthwise_tap_wants(bool weight, bool input, int64_t 
 // The depthwise backward over positions [p0, p1) of the chunk; gout is the
 // chunk's grad_out as (positions, C). With out.gin the caller must keep
 // concurrent passes off each other's input pixels (row-block phases on a
-// rigid grid, whole images with data offsets).
+// rigid grid, or one image per task).
 template <typename T>
 ERFTOOL_ALWAYS_INLINE void depthwise_backward_rows(const Ctx<T>& c, const T* gout,
                                                    const DepthwiseOutputs<T>& out, int64_t p0,
