@@ -597,18 +597,19 @@ ERFTOOL_ALWAYS_INLINE PackedCorners<T> pack_corners(const BilinearCorners<T>& k,
                                                     const T* read_base, T* write_base,
                                                     int64_t stride, const T* zeros, T* scratch) {
   PackedCorners<T> u;
+  // Every slot padded first: padding only the unused tail (a variable count)
+  // was compiled to three `rep stos` memsets, 18 % of the pass with 8 channels.
+  for (int s = 0; s < 4; ++s) {
+    u.read[s] = zeros;
+    u.write[s] = scratch + s * stride;
+    u.w[s] = u.dy[s] = u.dx[s] = T(0);
+  }
   for (int i = 0; i < 4; ++i) {
     if (k.index[i] < 0 || (k.weight[i] == T(0) && !slopes)) continue;
     const int s = u.n++;
     u.read[s] = read_base + k.index[i] * stride;
-    u.write[s] = write_base && k.weight[i] != T(0) ? write_base + k.index[i] * stride
-                                                   : scratch + s * stride;
+    if (write_base && k.weight[i] != T(0)) u.write[s] = write_base + k.index[i] * stride;
     u.w[s] = k.weight[i], u.dy[s] = k.d_dy[i], u.dx[s] = k.d_dx[i];
-  }
-  for (int s = u.n; s < 4; ++s) {
-    u.read[s] = zeros;
-    u.write[s] = scratch + s * stride;
-    u.w[s] = u.dy[s] = u.dx[s] = T(0);
   }
   return u;
 }
