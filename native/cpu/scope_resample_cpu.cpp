@@ -115,12 +115,12 @@ void resample_rows(const T* weight, const int64_t* index, const T* corner_weight
   });
 }
 
-// A row's four corners in one pass over its gradient g: the dot products
-// with the corner cells' weight (into dots) and the weighted gradient added
-// into the corner cells' sums, where wanted. The four dot products are
-// independent sums (a single-sum loop per corner waited on its adds), and g
-// is read once instead of eight times. Two corners may name the same cell
-// (a clamped zero-weight corner): the sums are not declared restrict.
+// A row's four corners over its gradient g: the dot products with the corner
+// cells' weight (into dots) and the weighted gradient added into the corner
+// cells' sums, where wanted. The four dot products share one pass over g as
+// independent sums (a single-sum loop per corner waited on its adds); the
+// adds stay one loop per corner, since two corners may name the same cell
+// (a clamped zero-weight corner).
 template <typename T>
 ERFTOOL_ALWAYS_INLINE void corners_backward(int64_t width, const T* __restrict g,
                                             const T* const v[4], T* const s[4], const T* cw,
