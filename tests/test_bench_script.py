@@ -1,6 +1,7 @@
 """benchmarks/bench_ops.py: a quick run writes its results and runs under the
 allocator setting it records (the steady setting re-runs the script with
 glibc's tunables set, which glibc reads only at start-up)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +13,16 @@ import pytest
 from erftool.ops import _native
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ops.py"
-STEADY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+
+
+def _script_module():
+    spec = importlib.util.spec_from_file_location("bench_ops", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+STEADY = _script_module().STEADY_MALLOC
 
 
 @pytest.mark.skipif(_native.load_native() is None, reason="native module unavailable")
