@@ -97,6 +97,16 @@ def _rewrite(source: str) -> str:
 _LIB = None
 
 
+def _compile_command(source, target) -> list:
+    # -Bsymbolic: the launchers call the runtime stubs of emu_api.cpp, never a
+    # real libcudart that the process loaded first (a CUDA build of torch does:
+    # its cudaFuncSetAttribute refused the host function with error 400).
+    return [os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-fPIC", "-shared",
+            "-Wl,-Bsymbolic", "-fpermissive", "-w", "-pthread", "-I", str(cuda_include_dir()),
+            "-I", str(NATIVE_DIR / "include"), "-I", str(CUDA_DIR), "-I", str(HERE),
+            str(source), str(HERE / "emu_api.cpp"), "-o", str(target)]
+
+
 def load(build_root: Optional[str] = None) -> ctypes.CDLL:
     """Compile (cached by content) and load the emulated kernels."""
     global _LIB
@@ -109,6 +119,7 @@ def load(build_root: Optional[str] = None) -> ctypes.CDLL:
     parts = [cu, (CUDA_DIR / "deform_kernels.cuh").read_text(),
              (NATIVE_DIR / "include" / "erftool" / "deform_math.h").read_text(),
              (HERE / "emu.h").read_text(), (HERE / "emu_api.cpp").read_text()]
+    parts += _compile_command("kernels_emu.cpp", "lib.so")
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     root = Path(build_root or os.path.join(tempfile.gettempdir(), "erftool-cuda-emulation"))
     work = root / digest
@@ -117,10 +128,7 @@ def load(build_root: Optional[str] = None) -> ctypes.CDLL:
         work.mkdir(parents=True, exist_ok=True)
         (work / "kernels_emu.cpp").write_text(_rewrite(cu))
         tmp = work / f"lib.{os.getpid()}.so"
-        cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-fPIC", "-shared",
-               "-fpermissive", "-w", "-pthread", "-I", str(cuda_include_dir()),
-               "-I", str(NATIVE_DIR / "include"), "-I", str(CUDA_DIR), "-I", str(HERE),
-               str(work / "kernels_emu.cpp"), str(HERE / "emu_api.cpp"), "-o", str(tmp)]
+        cmd = _compile_command(work / "kernels_emu.cpp", tmp)
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError("emulate.py: compiling the emulated kernels failed:\n"
