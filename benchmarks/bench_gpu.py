@@ -12,12 +12,17 @@ and reports the ratios to conv2d against the targets (local DK forward
 <= 2.5x, global DK forward <= 1.3x).
 
 TF32 is pinned (--tf32 off|on, default off) for cuBLAS and cuDNN alike and
-reported with the results. Usage:
+reported with the results. Diagnostics: --global-forms also times the global
+DK with each of its forms forced (the batched products in either layout, and
+the CPU's size rule), --profile prints the CUDA kernels of one forward of each
+op on the first shape. Usage:
     python benchmarks/bench_gpu.py --out gpu-results [--quick] [--dtypes float32,bfloat16]
+        [--global-forms] [--profile]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -48,20 +53,27 @@ SHAPES = [
 QUICK_SHAPES = [SHAPES[1], SHAPES[2]]
 
 
-def timed(fn, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn() measured with CUDA events."""
+def timed(fn, warmup: int, reps: int, queued: bool = True) -> float:
+    """Median milliseconds of fn() between CUDA events recorded around each call.
+    queued: the calls run back to back and the host waits once at the end, so
+    it queues work ahead as a training loop does (host-side overhead shows
+    only where it exceeds the device time); else the host waits after each
+    call, so every call's host-side setup before its first kernel counts."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
+    events = []
     for _ in range(reps):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if not queued:
+            end.synchronize()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    times = [start.elapsed_time(end) for start, end in events]
     return statistics.median(times)
 
 
@@ -111,16 +123,68 @@ def make_ops(n, c, o, hw, dtype, scope=4, k=3, dev="cuda"):
     return leaves, grad, calls
 
 
-def bench_shape(shape, dtype, args, log):
+GLOBAL_FORMS = ("gemm_windows", "gemm_one_product", "gemm_tap_sums", "size_rule")
+
+
+@contextlib.contextmanager
+def forced_global_form(variant):
+    """The global DK with one form forced, for comparing them on one device."""
+    from erftool.ops import _global_gemm, _global_kernel
+
+    saved = _global_kernel.form, _global_gemm.layout
+    if variant == "size_rule":  # the CPU's choice: per tap, or a grouped convolution
+        _global_kernel.form = lambda i, w, g: (
+            "tapwise" if _global_kernel._kernels_outweigh_image(w.shape[1], g) else "conv")
+    else:
+        _global_kernel.form = lambda i, w, g: "gemm"
+        _global_gemm.layout = lambda i, w, g: variant[len("gemm_"):]
+    try:
+        yield
+    finally:
+        _global_kernel.form, _global_gemm.layout = saved
+
+
+def with_global_form(fn, variant):
+    def call(tensors):
+        with forced_global_form(variant):
+            return fn(tensors)
+    return call
+
+
+def profile_forwards(leaves, calls, log):
+    """The CUDA kernels of one forward of each op (after a warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for op_name, (fn, _) in calls.items():
+        with torch.no_grad():
+            fn(leaves)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn(leaves)
+                torch.cuda.synchronize()
+        log(f"--- profile: {op_name}")
+        log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10))
+
+
+def bench_shape(shape, dtype, args, log, profile=False):
     name, n, c, o, hw = shape
     leaves, grad, calls = make_ops(n, c, o, hw, dtype)
+    queued = args.timing == "queued"
+    if args.global_forms:
+        base, used = calls["global_dk"]
+        for variant in GLOBAL_FORMS:
+            if variant == "gemm_windows" and dtype not in (torch.float32, torch.float64):
+                continue  # it sums the taps in the output's dtype
+            calls[f"global_dk[{variant}]"] = (with_global_form(base, variant), used)
+    if profile:
+        profile_forwards(leaves, calls, log)
     row = {"shape": name, "N": n, "C_in": c, "C_out": o, "H": hw, "W": hw,
            "dtype": str(dtype).replace("torch.", ""), "ms": {}}
     for op_name, (fn, used) in calls.items():
         entry = {}
         try:
             with torch.no_grad():
-                entry["fwd"] = timed(lambda: fn(leaves), args.warmup, args.reps)
+                entry["fwd"] = timed(lambda: fn(leaves), args.warmup, args.reps, queued)
             train = {key: (val.detach().requires_grad_(key in used) if val.is_floating_point()
                            else val) for key, val in leaves.items()}
 
@@ -130,7 +194,8 @@ def bench_shape(shape, dtype, args, log):
                 for key in used:
                     train[key].grad = None
 
-            entry["fwd_bwd"] = timed(step, max(1, args.warmup // 2), max(3, args.reps // 2))
+            entry["fwd_bwd"] = timed(step, max(1, args.warmup // 2), max(3, args.reps // 2),
+                                     queued)
         except Exception as exc:  # keep the other measurements
             entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         row["ms"][op_name] = entry
@@ -168,6 +233,7 @@ def environment(args) -> dict:
         "chunk_mb": os.environ.get("ERFTOOL_CHUNK_MB", "256 (default)"),
         "warmup": args.warmup,
         "reps": args.reps,
+        "timing": args.timing,
     }
 
 
@@ -177,7 +243,8 @@ def markdown(env, rows) -> str:
              f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}",
              f"TF32: matmul={env['tf32_matmul']}, cudnn={env['tf32_cudnn']}; "
              f"cudnn.benchmark={env['cudnn_benchmark']}; chunk MB={env['chunk_mb']}; "
-             f"median of {env['reps']} (fwd) after {env['warmup']} warm-up runs", "",
+             f"median of {env['reps']} (fwd) after {env['warmup']} warm-up runs, "
+             f"{env['timing']} timing", "",
              "| shape | dtype | op | fwd ms | fwd+bwd ms | fwd / conv2d | fwd+bwd / conv2d |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -209,8 +276,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="two shapes, fewer repetitions")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--tf32", choices=("off", "on"), default="off")
+    parser.add_argument("--timing", choices=("queued", "synced"), default="queued",
+                        help="calls back to back (default), or the host waiting after each")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--global-forms", action="store_true",
+                        help="also time the global DK with each form forced")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the CUDA kernels of each forward (first shape of each dtype)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: CUDA is not available; nothing to measure", file=sys.stderr)
@@ -239,8 +312,8 @@ def main(argv=None) -> int:
     started = time.time()
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name.strip())
-        for shape in (QUICK_SHAPES if args.quick else SHAPES):
-            rows.append(bench_shape(shape, dtype, args, log))
+        for k, shape in enumerate(QUICK_SHAPES if args.quick else SHAPES):
+            rows.append(bench_shape(shape, dtype, args, log, profile=args.profile and not k))
             # Write after every shape: a run stopped at its time limit keeps what it measured.
             (out_dir / "bench_gpu.json").write_text(
                 json.dumps({"environment": env, "targets": TARGETS, "results": rows}, indent=1))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import erftool.ops as ops
-from erftool.ops import _args, _global_kernel, reference
+from erftool.ops import _args, _global_gemm, _global_kernel, reference
 
 
 def assert_operator_matches_reference(x, w, off, g, **kwargs):
@@ -137,3 +137,81 @@ def test_non_finite_global_offsets_contribute_nothing(channels, size):
     (grad_far,) = torch.autograd.grad(out_far.sum(), far)
     torch.testing.assert_close(grad_bad, grad_far, rtol=0, atol=0)
     assert (grad_bad[0, :2] == 0).all() and (grad_bad[1, 10:12] == 0).all()
+
+
+@pytest.fixture
+def gemm_form(monkeypatch):
+    """The global DK's GPU form (batched matrix products), forced on CPU."""
+    monkeypatch.setattr(_global_kernel, "form", lambda input, weight, geom: "gemm")
+
+
+GEMM_CASES = {  # name: (C_in, C_out, size (H, W), op keyword arguments)
+    "plain": (4, 6, (5, 5), dict(kernel_size=3, padding=1)),
+    "groups_offset_groups": (8, 6, (5, 4), dict(kernel_size=3, padding=1, groups=2,
+                                                 offset_groups=4)),
+    "dilated": (4, 4, (7, 6), dict(kernel_size=(3, 2), padding=(2, 0), dilation=(2, 3))),
+    "strided_dilated": (6, 3, (9, 8), dict(kernel_size=(3, 2), stride=(2, 1), padding=(2, 0),
+                                          dilation=(2, 3), groups=3, offset_groups=3)),
+}
+
+
+@pytest.mark.parametrize("layout", ["windows", "one_product", "tap_sums"])
+@pytest.mark.parametrize("one_image_chunks", [False, True])
+@pytest.mark.parametrize("case", GEMM_CASES)
+def test_gemm_form_matches_the_oracle(gemm_form, monkeypatch, layout, one_image_chunks, case):
+    if layout == "windows" and "stride" in GEMM_CASES[case][3]:
+        layout = "one_product"  # windows are for stride 1 only (_global_gemm.layout)
+    monkeypatch.setattr(_global_gemm, "layout", lambda input, weight, geom: layout)
+    if one_image_chunks:
+        monkeypatch.setattr(_global_gemm, "_CHUNK_BYTES", 1)
+    c, o, size, kwargs = GEMM_CASES[case]
+    groups, offset_groups = kwargs.get("groups", 1), kwargs.get("offset_groups", 1)
+    kernel = _args.pair("test", "kernel_size", kwargs["kernel_size"], 1)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, c, *size, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(o, c // groups, kernel[0] + 1, kernel[1] + 2, dtype=torch.float64,
+                    generator=g, requires_grad=True)
+    off = (0.8 * torch.randn(3, 2 * offset_groups * kernel[0] * kernel[1], dtype=torch.float64,
+                             generator=g)).requires_grad_(True)
+    assert len(_global_gemm._image_chunks(x, w, _geometry_of(x, w, kwargs))) == (
+        3 if one_image_chunks else 1)
+    assert_operator_matches_reference(x, w, off, g, **kwargs)
+
+
+def _geometry_of(x, w, kwargs) -> _args.Geometry:
+    def pair(name, default, minimum=1):
+        return _args.pair("test", name, kwargs.get(name, default), minimum)
+
+    kernel, stride = pair("kernel_size", 1), pair("stride", 1)
+    padding, dilation = pair("padding", 0, minimum=0), pair("dilation", 1)
+    out = _args.output_size("test", x.shape[2:], kernel, stride, padding, dilation)
+    return _args.Geometry(kernel, stride, padding, dilation, kwargs.get("groups", 1),
+                          kwargs.get("offset_groups", 1), 1, out)
+
+
+@pytest.mark.parametrize("layout", ["one_product", "tap_sums"])
+def test_gemm_form_keeps_half_type_sums_in_float32(gemm_form, monkeypatch, layout):
+    # As the tap-by-tap test above: +1000, seven taps of ~0.1, -1000 must leave 0.7.
+    weight = torch.tensor([1000.0] + [0.1] * 7 + [-1000.0], dtype=torch.bfloat16).view(
+        1, 1, 3, 3)
+    x = torch.ones(1, 1, 3, 3, dtype=torch.bfloat16)
+    offset = torch.zeros(1, 18, dtype=torch.bfloat16)
+    geom = _args.Geometry((3, 3), (1, 1), (0, 0), (1, 1), 1, 1, 1, (1, 1))
+    assert _global_gemm.layout(x, weight, geom) != "windows"  # it sums in the output's dtype
+    monkeypatch.setattr(_global_gemm, "layout", lambda input, weight, geom: layout)
+    out = _global_kernel.forward(x, weight, offset, None, geom)
+    assert out.dtype == torch.bfloat16
+    assert abs(out.item() - 0.7) < 0.01
+    grads = _global_kernel.backward(torch.ones_like(out), x, weight, offset, geom,
+                                    [True, True, True], contextlib.nullcontext)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3
+    torch.testing.assert_close(grads[0], weight.view(1, 1, 3, 3))  # d out / d input = kernel
+    torch.testing.assert_close(grads[1], x.view(1, 1, 3, 3))  # d out / d weight = input
+
+
+def test_global_dk_form_on_cpu_follows_the_sizes():
+    # (on CUDA: test_ops_cuda.py::test_global_dk_runs_the_gemm_form_on_cuda)
+    w = torch.zeros(4, 12, 4, 4)
+    for size, expected in ((3, "tapwise"), (12, "conv")):
+        geom = _args.Geometry((3, 3), (1, 1), (1, 1), (1, 1), 1, 1, 1, (size, size))
+        assert _global_kernel.form(torch.zeros(2, 12, size, size), w, geom) == expected

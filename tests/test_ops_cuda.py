@@ -338,6 +338,42 @@ def test_public_ops_cuda_match_cpu(dtype):
         torch.testing.assert_close(got.cpu(), expected, msg=lambda m: f"{name}: {m}", **tol)
 
 
+@requires_cuda
+@pytest.mark.parametrize("layout", ["windows", "one_product", "tap_sums"])
+@pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 4)])
+def test_global_dk_runs_the_gemm_form_on_cuda(monkeypatch, layout, groups, offset_groups):
+    # Forward and every gradient against the reference in float64, each layout
+    # of the batched products, several image chunks; then bfloat16 (never
+    # "windows") against float32.
+    from erftool.ops import _global_gemm, _global_kernel
+
+    chosen = _global_gemm.layout
+    monkeypatch.setattr(_global_gemm, "layout", lambda i, w, g: (
+        layout if i.dtype == torch.float64 else chosen(i, w, g)))
+    monkeypatch.setattr(_global_gemm, "_CHUNK_BYTES", 1)  # one image per chunk
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 8, 7, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(6, 8 // groups, 4, 5, generator=gen, dtype=torch.float64)
+    off = 0.8 * torch.randn(3, 2 * offset_groups * 6, generator=gen, dtype=torch.float64)
+    kwargs = dict(kernel_size=(3, 2), padding=(1, 0), dilation=(1, 2), groups=groups,
+                  offset_groups=offset_groups)
+    geom = _args.Geometry((3, 2), (1, 1), (1, 0), (1, 2), groups, offset_groups, 1, (7, 4))
+    assert _global_kernel.form(x.cuda(), w.cuda(), geom) == "gemm"
+    leaves = [t.cuda().requires_grad_() for t in (x, w, off)]
+    got = ops.deform_kernel2d(*leaves, backend="native", **kwargs)
+    cpu = [t.detach().clone().requires_grad_() for t in (x, w, off)]
+    want = ops.deform_kernel2d(*cpu, backend="reference", **kwargs)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+    probe = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, leaves, probe.cuda()),
+                    torch.autograd.grad(want, cpu, probe)):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9)
+    f32 = ops.deform_kernel2d(*(t.cuda().float() for t in (x, w, off)), **kwargs)
+    bf16 = ops.deform_kernel2d(*(t.cuda().bfloat16() for t in (x, w, off)), **kwargs)
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), f32, rtol=5e-2, atol=5e-2 * f32.abs().max().item())
+
+
 # ------------------------------------------------------------------ plumbing
 
 @requires_cuda

@@ -15,6 +15,8 @@ tensor is larger:
     kernels outweigh the image (many channels on a small map, where a
     convolution library spends its time re-laying out N different weight
     tensors); its running sums are float32 for half types.
+On GPUs a third form runs instead: batched matrix products of each image's
+kernel with its tap-major input columns (erftool/ops/_global_gemm.py).
 Forward and backward are written out by hand (no autograd graph over large
 tensors); only the tiny offset -> corner-weight step goes through autograd.
 """
@@ -26,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _args, _native, reference
+# _global_gemm uses this module's helpers, at call time only.
+from . import _args, _global_gemm, _native, reference
 
 
 # ---------------------------------------------------------------- resampling
@@ -56,15 +59,20 @@ class _Corners(NamedTuple):
 
 def _centred_taps(kernel_size, scope, like: Tensor) -> Tensor:
     """(K, 2): the scope position (row, col) tap (a, b) samples at zero offset,
-    (a + (S_h - K_h)/2, b + (S_w - K_w)/2), row-major taps."""
+    (a + (S_h - K_h)/2, b + (S_w - K_w)/2), row-major taps. Built on the
+    device: a small tensor copied from the host would make the host wait for
+    the device's queue to drain first."""
     (kh, kw), (sh, sw) = kernel_size, scope
-    return torch.tensor([[a + (sh - kh) / 2, b + (sw - kw) / 2] for a in range(kh)
-                         for b in range(kw)], dtype=like.dtype, device=like.device)
+    rows = torch.arange(kh, dtype=like.dtype, device=like.device) + (sh - kh) / 2
+    cols = torch.arange(kw, dtype=like.dtype, device=like.device) + (sw - kw) / 2
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)
 
 
-# Corner j of a bilinear sample lies (j // 2, j % 2) cells below / right of its floor.
-_CORNER_ROWS = (0.0, 0.0, 1.0, 1.0)
-_CORNER_COLS = (0.0, 1.0, 0.0, 1.0)
+def _corner_steps(like: Tensor):
+    """(rows, cols), each (4,): corner j of a bilinear sample lies (j // 2, j % 2)
+    cells below / right of its floor (built on the device, as above)."""
+    j = torch.arange(4, dtype=like.dtype, device=like.device)
+    return (j / 2).floor(), j.remainder(2)
 
 
 def _corners(offset: Tensor, kernel_size, scope, offset_groups: int) -> _Corners:
@@ -81,7 +89,7 @@ def _corners(offset: Tensor, kernel_size, scope, offset_groups: int) -> _Corners
     inside = (y > -1) & (x > -1) & (y < sh) & (x < sw)
     y, x = torch.where(inside, y, 0.0), torch.where(inside, x, 0.0)  # no NaN past here
     y0, x0 = y.detach().floor(), x.detach().floor()
-    dy, dx = torch.tensor((_CORNER_ROWS, _CORNER_COLS), dtype=y.dtype, device=y.device)
+    dy, dx = _corner_steps(y)
     cy, cx = y0 + dy, x0 + dx  # (N, G, K, 4) corner cells
     # Linear in the fraction (1 - f for the floor corner, f for the next one):
     # the slope stays exact at integer positions, where f = 0.
@@ -270,13 +278,24 @@ def _tapwise_forward(input, weight, corners, rows, geom):
     return out
 
 
+def form(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
+    """How the per-image convolution runs: "gemm" (batched matrix products,
+    erftool/ops/_global_gemm.py) on GPUs; on CPU "tapwise" or "conv" (above)."""
+    if input.is_cuda:
+        return "gemm"
+    return "tapwise" if _kernels_outweigh_image(weight.shape[1], geom) else "conv"
+
+
 def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor],
             geom: _args.Geometry) -> Tensor:
+    chosen = form(input, weight, geom)
+    if chosen == "gemm":
+        return _global_gemm.forward(input, weight, offset, bias, geom)
     n, c, h, w = input.shape
     o = weight.shape[0]
     corners = _corners(offset, geom.kernel_size, tuple(weight.shape[2:]), geom.offset_groups)
     rows = _row_groups(weight, geom.groups, geom.offset_groups)
-    if _kernels_outweigh_image(weight.shape[1], geom):
+    if chosen == "tapwise":
         acc = _accumulation_dtype(input.dtype)
         out = _tapwise_forward(input.to(acc), weight.to(acc), corners.detach_to(acc), rows, geom)
         out = out.to(input.dtype)
@@ -363,7 +382,11 @@ def backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Tensor,
                            geom.offset_groups)
     rows = _row_groups(weight, geom.groups, geom.offset_groups)
     wanted = (need_input, need_weight, need_offset)
-    if _kernels_outweigh_image(weight.shape[1], geom):
+    chosen = form(input, weight, geom)
+    if chosen == "gemm":
+        grad_input, grad_weight, grad_corners = _global_gemm.backward(
+            grad_output, input, weight, corners, rows, geom, wanted)
+    elif chosen == "tapwise":
         acc = _accumulation_dtype(input.dtype)
         grads = _tapwise_backward(grad_output.to(acc), input.to(acc), weight.to(acc),
                                   corners.detach_to(acc), rows, geom, wanted)
