@@ -1,7 +1,8 @@
 // Operator schemas of the native module and its Python entry point.
 //
 // The kernels register themselves per backend (cpu/deform_cpu.cpp for CPU,
-// cuda/deform_cuda.cpp for CUDA). Python (erftool/ops) wraps these native ops
+// cuda/deform_cuda.cpp for CUDA; composite/ for compositions of ATen
+// operations that serve every device). Python (erftool/ops) wraps these native ops
 // in the public custom operators erftool::deform_kernel2d and
 // erftool::deform_conv2d, which carry the fake kernels and the autograd.
 #include <torch/extension.h>
@@ -44,6 +45,14 @@ TORCH_LIBRARY(erftool_native, m) {
   m.def(
       "scope_resample_backward(Tensor grad, Tensor weight, Tensor corner_index, "
       "Tensor corner_weight, Tensor(a!) grad_weight, bool need_corner_weight) -> Tensor");
+  // Global Deformable Kernel forward as batched matrix products, any device
+  // (composite/global_gemm.cpp); layout "windows" (stride 1), "one_product" or
+  // "tap_sums"; row_groups: the offset group of every kernel row (o, c), or
+  // None with one group. Bias is added by the caller.
+  m.def(
+      "global_gemm_forward(Tensor input, Tensor weight, Tensor offset, Tensor? row_groups, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "int offset_groups, str layout, int images_per_chunk) -> Tensor");
 }
 
 namespace {

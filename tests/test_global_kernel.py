@@ -215,3 +215,38 @@ def test_global_dk_form_on_cpu_follows_the_sizes():
     for size, expected in ((3, "tapwise"), (12, "conv")):
         geom = _args.Geometry((3, 3), (1, 1), (1, 1), (1, 1), 1, 1, 1, (size, size))
         assert _global_kernel.form(torch.zeros(2, 12, size, size), w, geom) == expected
+
+
+@pytest.mark.parametrize("layout", ["windows", "one_product", "tap_sums"])
+def test_gemm_form_passes_opcheck(gemm_form, monkeypatch, layout):
+    # The public operator with the GPU form forced, and the native forward itself.
+    monkeypatch.setattr(_global_gemm, "layout", lambda input, weight, geom: layout)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, 2, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    off = torch.randn(3, 2 * 2 * 9, dtype=torch.float64, generator=g, requires_grad=True)
+    torch.library.opcheck(torch.ops.erftool.deform_kernel2d.default, (
+        x, w, off, None, None, [3, 3], [1, 1], [1, 1], [1, 1], 2, 2, "native"))
+    rows = _global_kernel._row_groups(w, 2, 2)
+    torch.library.opcheck(torch.ops.erftool_native.global_gemm_forward.default, (
+        x.detach(), w.detach(), off.detach(), rows, [3, 3], [1, 1], [1, 1], [1, 1], 2, 2, layout,
+        2))
+
+
+@pytest.mark.parametrize("layout", ["windows", "one_product"])
+def test_gemm_form_non_finite_offsets_contribute_nothing(gemm_form, monkeypatch, layout):
+    # As below for the other forms: NaN / infinite / huge offsets read zero weight.
+    monkeypatch.setattr(_global_gemm, "layout", lambda input, weight, geom: layout)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=g)
+    w = torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=g)
+    off = 0.5 * torch.randn(2, 18, dtype=torch.float64, generator=g)
+    off[0, 0], off[0, 5], off[1, 8], off[1, 11] = float("nan"), float("inf"), float("-inf"), 1e30
+    far = off.clone()
+    far[~torch.isfinite(far) | (far.abs() > 1e20)] = 1e6
+    got = ops.deform_kernel2d(x, w, off, kernel_size=3, padding=1)
+    torch.testing.assert_close(got, ops.deform_kernel2d(x, w, far, kernel_size=3, padding=1),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(got, ops.deform_kernel2d(x, w, far, kernel_size=3, padding=1,
+                                                        backend="reference"),
+                               rtol=0, atol=1e-12)

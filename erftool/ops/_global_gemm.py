@@ -18,8 +18,9 @@ Three layouts of the same arithmetic:
   * "tap_sums": the same columns, one product per image, group and tap,
     and the K partial outputs summed afterwards (in float32 for the half
     types): no copy of the kernels, which then outweigh the image.
-The forward draws its scope coefficients densely (_coefficients, a few
-device operations and no host-device round trip); the backward uses the
+The forward is native (native/composite/global_gemm.cpp: the same ATen
+operations issued from C++, for host time), and draws its scope coefficients
+densely as tents, max(0, 1 - |p - i|) per axis. The backward, here, uses the
 gathered columns with the one-product layout (two batched products, the
 input gradient added back window by window) and _global_kernel's corners,
 whose autograd gives the offset gradient.
@@ -30,7 +31,6 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _args
@@ -47,32 +47,9 @@ def layout(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
     return "tap_sums" if weight.shape[1] >= positions else "one_product"
 
 
-def _coefficients(offset: Tensor, kernel_size, scope, offset_groups: int) -> Tensor:
-    """(N, G, K, S_h*S_w) bilinear weight of every scope cell for every tap's
-    sample (forward only: no autograd through it). On each axis the weight of
-    cell i for a sample at p is the tent max(0, 1 - |p - i|): that is the
-    bilinear weight, 0 for cells outside the scope and for every cell when
-    p <= -1 or p >= S. Non-finite offsets are moved outside first."""
-    (kh, kw), (sh, sw) = kernel_size, scope
-    far = -2.0 * (max(sh, sw) + max(kh, kw))  # p + gap below stays < -1 for every cell
-    pos = offset.reshape(offset.shape[0], offset_groups, kh, kw, 2).nan_to_num(
-        nan=far, posinf=far, neginf=far)
-
-    def gaps(taps, cells):  # (taps, cells): tap t's centred position t + (S - K)/2 minus cell i
-        return torch.arange(taps, dtype=pos.dtype, device=pos.device).view(-1, 1) + (
-            (cells - taps) / 2) - torch.arange(cells, dtype=pos.dtype, device=pos.device)
-
-    def tent(p, gap):
-        return (1 - (p.unsqueeze(-1) + gap).abs()).clamp_min(0)
-
-    wy = tent(pos[..., 0], gaps(kh, sh).view(kh, 1, sh)).unsqueeze(-1)  # (N, G, kh, kw, sh, 1)
-    wx = tent(pos[..., 1], gaps(kw, sw)).unsqueeze(-2)  # (N, G, kh, kw, 1, sw)
-    return (wy * wx).reshape(offset.shape[0], offset_groups, kh * kw, sh * sw)
-
-
-def _columns(input: Tensor, geom: _args.Geometry, tap_major: bool) -> Tensor:
-    """The windows every tap reads, in one copy: (N, K, groups, C/groups, L) when
-    tap_major, else (N, groups, K, C/groups, L); L = H_out * W_out."""
+def _columns(input: Tensor, geom: _args.Geometry) -> Tensor:
+    """The windows every tap reads, in one copy: (N, groups, K, C/groups, L),
+    L = H_out * W_out (the forward's gathered_columns, in Python)."""
     xp = gk._padded(input, geom).contiguous()
     n, c = xp.shape[:2]
     gr = geom.groups
@@ -81,41 +58,37 @@ def _columns(input: Tensor, geom: _args.Geometry, tap_major: bool) -> Tensor:
     s_n, s_c, s_y, s_x = xp.stride()
     windows = xp.as_strided((n, gr, kh, kw, c // gr, ho, wo),
                             (s_n, c // gr * s_c, dh * s_y, dw * s_x, s_c, sh * s_y, sw * s_x))
-    if tap_major:
-        return windows.permute(0, 2, 3, 1, 4, 5, 6).reshape(n, kh * kw, gr, c // gr, ho * wo)
     return windows.reshape(n, gr, kh * kw, c // gr, ho * wo)
 
 
-def _image_chunks(input: Tensor, weight: Tensor, geom: _args.Geometry):
-    """Slices of images whose columns, kernels (every offset group's
-    candidates, and a re-laid copy) and partial outputs fit _CHUNK_BYTES."""
+def _images_per_chunk(input: Tensor, weight: Tensor, geom: _args.Geometry) -> int:
+    """Images whose columns, kernels (every offset group's candidates, and a
+    re-laid copy) and partial outputs fit _CHUNK_BYTES (float32 or wider)."""
     o, cg = weight.shape[:2]
-    per_image = geom.taps * (input.shape[1] * geom.out_size[0] * geom.out_size[1]
-                             + o * cg * (geom.offset_groups + 1)
-                             + o * geom.out_size[0] * geom.out_size[1])
-    step = max(1, _CHUNK_BYTES // (per_image * 4))  # float32 kernels for the half types
-    n = input.shape[0]
+    positions = geom.out_size[0] * geom.out_size[1]
+    per_image = geom.taps * (input.shape[1] * positions + o * cg * (geom.offset_groups + 1)
+                             + o * positions)
+    return max(1, _CHUNK_BYTES // (per_image * max(4, input.element_size())))
+
+
+def _image_chunks(input: Tensor, weight: Tensor, geom: _args.Geometry):
+    step, n = _images_per_chunk(input, weight, geom), input.shape[0]
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _kernels(weight: Tensor, coef: Tensor, rows: Optional[Tensor], dtype,
-             tap_major: bool = False) -> Tensor:
-    """Per-image kernels from dense coefficients coef (N, G, K, S): (N, K, M),
-    or (K, N, M) when tap_major; M = C_out * C_in/groups. One product over
-    every offset group's candidates, each row m then keeps its own group's;
-    computed in float32 / float64 (bilinear weights rounded to 8 bits would
-    shift every tap) and stored in the input's dtype."""
+def _kernels(weight: Tensor, coef: Tensor, rows: Optional[Tensor], dtype) -> Tensor:
+    """Per-image kernels (N, K, M) from dense coefficients coef (N, G, K, S),
+    M = C_out * C_in/groups (the forward's per_image_kernels, in Python)."""
     acc = gk._accumulation_dtype(dtype)
     n, g, k, cells = coef.shape
     m = weight.shape[0] * weight.shape[1]
-    order, lead = ((2, 0, 1, 3), (k, n)) if tap_major else ((0, 2, 1, 3), (n, k))
-    every = coef.to(acc).permute(order).reshape(-1, cells).mm(
+    every = coef.to(acc).transpose(1, 2).reshape(-1, cells).mm(
         weight.to(acc).reshape(m, cells).t()).view(-1, g, m)
     if rows is None:
         kt = every[:, 0]
     else:
         kt = every.gather(1, rows.view(1, 1, -1).expand(every.shape[0], 1, -1))
-    return kt.reshape(*lead, m).to(dtype)
+    return kt.reshape(n, k, m).to(dtype)
 
 
 def _tap_minor(kt: Tensor, o: int, geom: _args.Geometry) -> Tensor:
@@ -125,58 +98,13 @@ def _tap_minor(kt: Tensor, o: int, geom: _args.Geometry) -> Tensor:
         n * gr, o // gr, -1)
 
 
-def _window_forward(input: Tensor, kt: Tensor, geom: _args.Geometry, out: Tensor) -> None:
-    """Layout "windows" (stride 1): out (N, C_out, H_out, W_out) from tap-major
-    kernels kt (K, N, M), reading each tap's window of the padded input in place."""
-    n, c = input.shape[:2]
-    o, gr = out.shape[1], geom.groups
-    (kh, kw), (dh, dw), (ph, pw) = geom.kernel_size, geom.dilation, geom.padding
-    ho, wo = geom.out_size
-    # One spare zero row below: the last tap's window (H_out rows of W_p) runs
-    # (K_w - 1) * d_w elements past the padded image, less than a row.
-    xp = F.pad(input, (pw, pw, ph, ph + 1))
-    wp = xp.shape[3]
-    plane = xp.shape[2] * wp
-    span = ho * wp
-    sums = input.new_empty(n * gr, o // gr, span)
-    for a in range(kh):
-        for b in range(kw):
-            k = a * kw + b
-            window = xp.as_strided((n * gr, c // gr, span), (c // gr * plane, plane, 1),
-                                   xp.storage_offset() + a * dh * wp + b * dw)
-            kernels = kt[k].view(n * gr, o // gr, c // gr)
-            if k == 0:
-                torch.bmm(kernels, window, out=sums)
-            else:
-                sums.baddbmm_(kernels, window)
-    out.copy_(sums.view(n, o, ho, wp)[..., :wo])
-
-
 def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor],
             geom: _args.Geometry) -> Tensor:
-    n, o, gr = input.shape[0], weight.shape[0], geom.groups
-    positions = geom.out_size[0] * geom.out_size[1]
-    coef = _coefficients(offset, geom.kernel_size, tuple(weight.shape[2:]), geom.offset_groups)
-    rows = gk._row_groups(weight, gr, geom.offset_groups)
-    chosen = layout(input, weight, geom)
-    out = input.new_empty(n, o, *geom.out_size)
-    for images in _image_chunks(input, weight, geom):
-        part = out[images]
-        m = part.shape[0]
-        if chosen == "windows":
-            kt = _kernels(weight, coef[images], rows, input.dtype, tap_major=True)
-            _window_forward(input[images], kt, geom, part)
-            continue
-        kt = _kernels(weight, coef[images], rows, input.dtype)
-        cols = _columns(input[images], geom, tap_major=chosen == "tap_sums")
-        if chosen == "tap_sums":
-            parts = torch.bmm(kt.view(m * geom.taps * gr, o // gr, -1),
-                              cols.view(m * geom.taps * gr, -1, positions))
-            part.copy_(parts.view(m, geom.taps, *part.shape[1:]).sum(
-                1, dtype=gk._accumulation_dtype(input.dtype)))
-        else:
-            torch.bmm(_tap_minor(kt, o, geom), cols.view(m * gr, -1, positions),
-                      out=part.view(m * gr, o // gr, positions))
+    out = torch.ops.erftool_native.global_gemm_forward(
+        input.contiguous(), weight.contiguous(), offset.contiguous(),
+        gk._row_groups(weight, geom.groups, geom.offset_groups), list(geom.kernel_size),
+        list(geom.stride), list(geom.padding), list(geom.dilation), geom.groups,
+        geom.offset_groups, layout(input, weight, geom), _images_per_chunk(input, weight, geom))
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
     return out
@@ -197,7 +125,7 @@ def backward(grad_output: Tensor, input: Tensor, weight: Tensor, corners: gk._Co
     coef = corners.detach_to(acc).dense(weight.shape[2] * weight.shape[3])
     for images in _image_chunks(input, weight, geom):
         kt = _kernels(weight, coef[images], rows, input.dtype)
-        cols = _columns(input[images], geom, tap_major=False)
+        cols = _columns(input[images], geom)
         m = cols.shape[0]
         cols = cols.view(m * gr, -1, positions)
         grads = grad_output[images].reshape(m * gr, o // gr, positions)

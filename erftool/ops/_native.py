@@ -32,7 +32,8 @@ def _cuda_wanted() -> bool:
 
 
 def _sources(with_cuda: bool) -> List[Path]:
-    files = [NATIVE_DIR / "binding.cpp"] + sorted((NATIVE_DIR / "cpu").glob("*.cpp"))
+    files = [NATIVE_DIR / "binding.cpp"] + sorted((NATIVE_DIR / "composite").glob("*.cpp"))
+    files += sorted((NATIVE_DIR / "cpu").glob("*.cpp"))
     if with_cuda:
         files += sorted((NATIVE_DIR / "cuda").glob("*.cu"))
         files += sorted((NATIVE_DIR / "cuda").glob("*.cpp"))
