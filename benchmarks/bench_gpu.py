@@ -123,7 +123,7 @@ def make_ops(n, c, o, hw, dtype, scope=4, k=3, dev="cuda"):
     return leaves, grad, calls
 
 
-GLOBAL_FORMS = ("gemm_windows", "gemm_one_product", "gemm_tap_sums", "size_rule")
+GLOBAL_FORMS = ("gemm_one_product", "gemm_tap_sums", "size_rule")
 
 
 @contextlib.contextmanager
@@ -173,8 +173,6 @@ def bench_shape(shape, dtype, args, log, profile=False):
     if args.global_forms:
         base, used = calls["global_dk"]
         for variant in GLOBAL_FORMS:
-            if variant == "gemm_windows" and dtype not in (torch.float32, torch.float64):
-                continue  # it sums the taps in the output's dtype
             calls[f"global_dk[{variant}]"] = (with_global_form(base, variant), used)
     if profile:
         profile_forwards(leaves, calls, log)

@@ -46,8 +46,7 @@ TORCH_LIBRARY(erftool_native, m) {
       "scope_resample_backward(Tensor grad, Tensor weight, Tensor corner_index, "
       "Tensor corner_weight, Tensor(a!) grad_weight, bool need_corner_weight) -> Tensor");
   // Global Deformable Kernel forward as batched matrix products, any device
-  // (composite/global_gemm.cpp); layout "windows" (stride 1), "one_product" or
-  // "tap_sums"; row_groups: the offset group of every kernel row (o, c), or
+  // (composite/global_gemm.cpp); layout "one_product" or "tap_sums"; row_groups: the offset group of every kernel row (o, c), or
   // None with one group. Bias is added by the caller.
   m.def(
       "global_gemm_forward(Tensor input, Tensor weight, Tensor offset, Tensor? row_groups, "

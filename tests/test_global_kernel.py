@@ -155,12 +155,10 @@ GEMM_CASES = {  # name: (C_in, C_out, size (H, W), op keyword arguments)
 }
 
 
-@pytest.mark.parametrize("layout", ["windows", "one_product", "tap_sums"])
+@pytest.mark.parametrize("layout", ["one_product", "tap_sums"])
 @pytest.mark.parametrize("one_image_chunks", [False, True])
 @pytest.mark.parametrize("case", GEMM_CASES)
 def test_gemm_form_matches_the_oracle(gemm_form, monkeypatch, layout, one_image_chunks, case):
-    if layout == "windows" and "stride" in GEMM_CASES[case][3]:
-        layout = "one_product"  # windows are for stride 1 only (_global_gemm.layout)
     monkeypatch.setattr(_global_gemm, "layout", lambda input, weight, geom: layout)
     if one_image_chunks:
         monkeypatch.setattr(_global_gemm, "_CHUNK_BYTES", 1)
@@ -197,7 +195,6 @@ def test_gemm_form_keeps_half_type_sums_in_float32(gemm_form, monkeypatch, layou
     x = torch.ones(1, 1, 3, 3, dtype=torch.bfloat16)
     offset = torch.zeros(1, 18, dtype=torch.bfloat16)
     geom = _args.Geometry((3, 3), (1, 1), (0, 0), (1, 1), 1, 1, 1, (1, 1))
-    assert _global_gemm.layout(x, weight, geom) != "windows"  # it sums in the output's dtype
     monkeypatch.setattr(_global_gemm, "layout", lambda input, weight, geom: layout)
     out = _global_kernel.forward(x, weight, offset, None, geom)
     assert out.dtype == torch.bfloat16
@@ -217,7 +214,7 @@ def test_global_dk_form_on_cpu_follows_the_sizes():
         assert _global_kernel.form(torch.zeros(2, 12, size, size), w, geom) == expected
 
 
-@pytest.mark.parametrize("layout", ["windows", "one_product", "tap_sums"])
+@pytest.mark.parametrize("layout", ["one_product", "tap_sums"])
 def test_gemm_form_passes_opcheck(gemm_form, monkeypatch, layout):
     # The public operator with the GPU form forced, and the native forward itself.
     monkeypatch.setattr(_global_gemm, "layout", lambda input, weight, geom: layout)
@@ -233,7 +230,7 @@ def test_gemm_form_passes_opcheck(gemm_form, monkeypatch, layout):
         2))
 
 
-@pytest.mark.parametrize("layout", ["windows", "one_product"])
+@pytest.mark.parametrize("layout", ["one_product", "tap_sums"])
 def test_gemm_form_non_finite_offsets_contribute_nothing(gemm_form, monkeypatch, layout):
     # As below for the other forms: NaN / infinite / huge offsets read zero weight.
     monkeypatch.setattr(_global_gemm, "layout", lambda input, weight, geom: layout)

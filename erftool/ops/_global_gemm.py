@@ -1,23 +1,24 @@
 """Global Deformable Kernel as batched matrix products: each image's
-resampled kernel times that image's input (the form for GPUs, where cuBLAS
-runs batched products near the speed of one large one, while cuDNN's grouped
-convolution with the batch folded into the groups, and a product per tap on
-gathered windows, ran 5-50x slower than conv2d on an H100).
+resampled kernel times that image's gathered input windows (the form for
+GPUs, where cuBLAS runs batched products near the speed of one large one,
+while cuDNN's grouped convolution with the batch folded into the groups, and
+a product per tap on strided windows, ran 5-50x slower than conv2d on an
+H100; see benchmarks/RESULTS.md).
 
-Three layouts of the same arithmetic:
-  * "windows" (stride 1, float32 / float64): per tap, one product per image
-    and group, (C_out/g, C_in/g) @ (C_in/g, H_out * W_p), reading the padded
-    input in place: with stride 1 a tap's window is a plain matrix if every
-    output row is computed W_p (padded width) wide; the W_p - W_out extra
-    columns are dropped. No gathered columns at all; the taps accumulate in
-    the output (in float32, hence not for the half types).
-  * "one_product": the windows of every tap gathered in one strided copy,
-    then one product per image and group, (C_out/g, K*C_in/g) @ (K*C_in/g, L),
-    with the kernels re-laid tap-minor first (a copy of the kernels): when
-    the channels per group are fewer than the output positions;
-  * "tap_sums": the same columns, one product per image, group and tap,
-    and the K partial outputs summed afterwards (in float32 for the half
-    types): no copy of the kernels, which then outweigh the image.
+The columns hold every tap's window of the padded input, gathered in one
+strided copy. Two layouts of the same arithmetic, chosen by which extra
+tensor is smaller:
+  * "one_product": one product per image and group,
+    (C_out/g, K*C_in/g) @ (K*C_in/g, L), with the kernels re-laid tap-minor
+    first (a copy of the kernels): when the channels per group are fewer
+    than the output positions;
+  * "tap_sums": one product per image, group and tap,
+    (C_out/g, C_in/g) @ (C_in/g, L), and the K partial outputs summed
+    afterwards (in float32 for the half types): no copy of the kernels,
+    which then outweigh the image.
+On an H100 (fp32, N 32) this rule picked the faster layout at all four
+ResNet-stage shapes. A third layout, per-tap products reading the padded
+input in place (no gathered copy), was slower at all four and was dropped.
 The forward is native (native/composite/global_gemm.cpp: the same ATen
 operations issued from C++, for host time), and draws its scope coefficients
 densely as tents, max(0, 1 - |p - i|) per axis. The backward, here, uses the
@@ -41,8 +42,6 @@ _CHUNK_BYTES = 256 << 20
 
 def layout(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
     """Which layout the forward takes (see above)."""
-    if geom.stride == (1, 1) and input.dtype in (torch.float32, torch.float64):
-        return "windows"
     positions = geom.out_size[0] * geom.out_size[1]
     return "tap_sums" if weight.shape[1] >= positions else "one_product"
 
