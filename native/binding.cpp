@@ -46,12 +46,19 @@ TORCH_LIBRARY(erftool_native, m) {
       "scope_resample_backward(Tensor grad, Tensor weight, Tensor corner_index, "
       "Tensor corner_weight, Tensor(a!) grad_weight, bool need_corner_weight) -> Tensor");
   // Global Deformable Kernel forward as batched matrix products, any device
-  // (composite/global_gemm.cpp); layout "one_product" or "tap_sums"; row_groups: the offset group of every kernel row (o, c), or
-  // None with one group. Bias is added by the caller.
+  // (composite/global_gemm.cpp); layout "one_product" or "tap_sums";
+  // row_groups: the offset group of every kernel row (o, c), or None with one
+  // group. Bias is added by the caller.
   m.def(
       "global_gemm_forward(Tensor input, Tensor weight, Tensor offset, Tensor? row_groups, "
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "int offset_groups, str layout, int images_per_chunk) -> Tensor");
+  // Its gradients (input, weight, offset); undefined where output_mask is false.
+  m.def(
+      "global_gemm_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, "
+      "Tensor? row_groups, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, int offset_groups, int images_per_chunk, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

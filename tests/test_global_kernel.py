@@ -171,8 +171,8 @@ def test_gemm_form_matches_the_oracle(gemm_form, monkeypatch, layout, one_image_
                     generator=g, requires_grad=True)
     off = (0.8 * torch.randn(3, 2 * offset_groups * kernel[0] * kernel[1], dtype=torch.float64,
                              generator=g)).requires_grad_(True)
-    assert len(_global_gemm._image_chunks(x, w, _geometry_of(x, w, kwargs))) == (
-        3 if one_image_chunks else 1)
+    per_chunk = _global_gemm._images_per_chunk(x, w, _geometry_of(x, w, kwargs))
+    assert per_chunk == 1 if one_image_chunks else per_chunk >= 3
     assert_operator_matches_reference(x, w, off, g, **kwargs)
 
 
@@ -247,3 +247,16 @@ def test_gemm_form_non_finite_offsets_contribute_nothing(gemm_form, monkeypatch,
     torch.testing.assert_close(got, ops.deform_kernel2d(x, w, far, kernel_size=3, padding=1,
                                                         backend="reference"),
                                rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scope", [(4, 4), (3, 3)])
+def test_gemm_form_offset_gradient_at_cell_boundaries(gemm_form, scope):
+    # Offsets that put samples exactly on cells, on the scope's edges (-1, S - 1)
+    # and just outside: the tents' slopes must match the floor-based corners
+    # of the reference there (one-sided), not a symmetric subgradient.
+    g = torch.Generator().manual_seed(11)
+    values = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.5], dtype=torch.float64)
+    off = values[torch.randint(0, len(values), (2, 18), generator=g)].requires_grad_(True)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 3, *scope, dtype=torch.float64, generator=g, requires_grad=True)
+    assert_operator_matches_reference(x, w, off, g, kernel_size=3, padding=1)

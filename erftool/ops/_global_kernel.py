@@ -376,17 +376,15 @@ def backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Tensor,
     that lets autograd record inside a custom-op kernel (for the offset ->
     corner-weight step only)."""
     need_input, need_weight, need_offset = (bool(x) for x in needs[:3])
+    wanted = [need_input, need_weight, need_offset]
+    if form(input, weight, geom) == "gemm":
+        return _global_gemm.backward(grad_output, input, weight, offset, geom, wanted)
     with autograd_enabled():
         offset_leaf = offset.detach().requires_grad_(need_offset)
         corners = _corners(offset_leaf, geom.kernel_size, tuple(weight.shape[2:]),
                            geom.offset_groups)
     rows = _row_groups(weight, geom.groups, geom.offset_groups)
-    wanted = (need_input, need_weight, need_offset)
-    chosen = form(input, weight, geom)
-    if chosen == "gemm":
-        grad_input, grad_weight, grad_corners = _global_gemm.backward(
-            grad_output, input, weight, corners, rows, geom, wanted)
-    elif chosen == "tapwise":
+    if form(input, weight, geom) == "tapwise":
         acc = _accumulation_dtype(input.dtype)
         grads = _tapwise_backward(grad_output.to(acc), input.to(acc), weight.to(acc),
                                   corners.detach_to(acc), rows, geom, wanted)

@@ -10,7 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <string>
+#include <array>
+#include <tuple>
 
 namespace erftool {
 namespace {
@@ -19,27 +20,60 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype) {
   return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
 }
 
-// (N, G, K, S_h*S_w): the bilinear weight of every scope cell for every tap's
-// sample. On each axis the weight of cell i for a sample at p is the tent
-// max(0, 1 - |p - i|): zero for cells outside the scope and for every cell
-// when p <= -1 or p >= S. Non-finite offsets are moved outside first.
-at::Tensor tent_coefficients(const at::Tensor& offset, int64_t kh, int64_t kw, int64_t sh,
-                             int64_t sw, int64_t offset_groups) {
+// Per-axis bilinear weights of every scope cell for every tap's sample. On
+// each axis the weight of cell i for a sample at y is the tent
+// max(0, 1 - |y - i|): zero for cells outside the scope and for every cell
+// when y <= -1 or y >= S. Non-finite offsets are moved outside first. The
+// slopes d weight / d y are those of the floor-based corners of the other
+// backends: cell floor(y) -1 and cell floor(y) + 1 +1, also at integer y
+// (one-sided), and 0 for a sample outside the scope on that axis.
+struct Tents {
+  at::Tensor wy, wx;  // (N, G, kh, kw, S_h), (N, G, kh, kw, S_w)
+  at::Tensor dy, dx;  // slopes, same shapes (only when asked for)
+};
+
+Tents scope_tents(const at::Tensor& offset, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                  int64_t offset_groups, bool slopes) {
   const double far = -2.0 * static_cast<double>(std::max(sh, sw) + std::max(kh, kw));
-  const at::Tensor pos =
-      offset.reshape({offset.size(0), offset_groups, kh, kw, 2}).nan_to_num(far, far, far);
-  const auto opts = offset.options();
-  // (taps, cells): tap t's centred position t + (S - K)/2 minus cell i.
-  auto gaps = [&](int64_t taps, int64_t cells) {
-    return at::arange(taps, opts).view({-1, 1}).sub(at::arange(cells, opts))
-        .add_(static_cast<double>(cells - taps) / 2);
+  const at::Tensor pos = offset.to(accumulation_dtype(offset.scalar_type()))
+                             .reshape({offset.size(0), offset_groups, kh, kw, 2})
+                             .nan_to_num(far, far, far);
+  const auto opts = pos.options();
+  // axis: the sample positions y (N, G, kh, kw) and y - i for every cell i.
+  auto axis = [&](int64_t which, int64_t taps, int64_t cells, at::IntArrayRef centre_shape,
+                  at::Tensor* weight, at::Tensor* slope) {
+    const at::Tensor centred =
+        at::arange(taps, opts).add_(static_cast<double>(cells - taps) / 2).view(centre_shape);
+    const at::Tensor y = pos.select(-1, which).add(centred);
+    const at::Tensor d = y.unsqueeze(-1).sub(at::arange(cells, opts));
+    *weight = d.abs().neg_().add_(1).clamp_min_(0);
+    if (slopes) {
+      const at::Tensor inside = y.gt(-1).logical_and_(y.lt(static_cast<double>(cells)));
+      *slope = (d.ge(-1).logical_and_(d.lt(0)).to(pos.scalar_type())
+                    .sub_(d.ge(0).logical_and_(d.lt(1)).to(pos.scalar_type())))
+                   .mul_(inside.unsqueeze(-1));
+    }
   };
-  auto tent = [](const at::Tensor& p, const at::Tensor& gap) {
-    return p.unsqueeze(-1).add(gap).abs_().neg_().add_(1).clamp_min_(0);
-  };
-  const at::Tensor wy = tent(pos.select(-1, 0), gaps(kh, sh).view({kh, 1, sh})).unsqueeze(-1);
-  const at::Tensor wx = tent(pos.select(-1, 1), gaps(kw, sw)).unsqueeze(-2);
-  return wy.mul(wx).reshape({offset.size(0), offset_groups, kh * kw, sh * sw});
+  Tents t;
+  axis(0, kh, sh, {kh, 1}, &t.wy, &t.dy);
+  axis(1, kw, sw, {kw}, &t.wx, &t.dx);
+  return t;
+}
+
+// (N, G, K, S_h*S_w): the bilinear weight of every scope cell for every tap.
+at::Tensor coefficients(const Tents& t) {
+  const auto s = t.wy.sizes();
+  return t.wy.unsqueeze(-1).mul(t.wx.unsqueeze(-2))
+      .reshape({s[0], s[1], s[2] * s[3], s[4] * t.wx.size(-1)});
+}
+
+// Offset gradient (N, 2*G*K) from that of the coefficients (N, G, K, S).
+at::Tensor offset_gradient(const Tents& t, const at::Tensor& grad_coef) {
+  const at::Tensor g = grad_coef.view({t.wy.size(0), t.wy.size(1), t.wy.size(2), t.wy.size(3),
+                                       t.wy.size(4), t.wx.size(4)});
+  const at::Tensor rows = g.mul(t.wx.unsqueeze(-2)).sum(-1).mul_(t.dy).sum(-1);
+  const at::Tensor cols = g.mul(t.wy.unsqueeze(-1)).sum(-2).mul_(t.dx).sum(-1);
+  return at::stack({rows, cols}, -1).reshape({t.wy.size(0), -1});
 }
 
 // Per-image kernels (n, K, M) from coef (n, G, K, S), M = C_out * C_in/groups:
@@ -63,6 +97,16 @@ at::Tensor per_image_kernels(const at::Tensor& weight, const at::Tensor& coef,
 struct Geometry {
   int64_t kh, kw, sh, sw, ph, pw, dh, dw, groups, ho, wo;
 };
+
+Geometry geometry(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef kernel_size,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                  int64_t groups) {
+  Geometry g{kernel_size[0], kernel_size[1], weight.size(2), weight.size(3), padding[0],
+             padding[1], dilation[0], dilation[1], groups, 0, 0};
+  g.ho = (input.size(2) + 2 * g.ph - g.dh * (g.kh - 1) - 1) / stride[0] + 1;
+  g.wo = (input.size(3) + 2 * g.pw - g.dw * (g.kw - 1) - 1) / stride[1] + 1;
+  return g;
+}
 
 // The windows of every tap gathered in one strided copy:
 // (n, K, groups, C/groups, L) when tap_major, else (n, groups, K, C/groups, L).
@@ -91,13 +135,11 @@ at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight
   TORCH_CHECK(layout == "one_product" || layout == "tap_sums",
               "global_gemm_forward: unknown layout ", layout);
   TORCH_CHECK(images_per_chunk > 0, "global_gemm_forward: images_per_chunk must be positive");
-  const int64_t n = input.size(0), c = input.size(1), o = weight.size(0);
-  Geometry g{kernel_size[0], kernel_size[1], weight.size(2), weight.size(3), padding[0],
-             padding[1], dilation[0], dilation[1], groups, 0, 0};
-  g.ho = (input.size(2) + 2 * g.ph - g.dh * (g.kh - 1) - 1) / stride[0] + 1;
-  g.wo = (input.size(3) + 2 * g.pw - g.dw * (g.kw - 1) - 1) / stride[1] + 1;
+  const int64_t n = input.size(0), o = weight.size(0);
+  const Geometry g = geometry(input, weight, kernel_size, stride, padding, dilation, groups);
   const int64_t taps = g.kh * g.kw, positions = g.ho * g.wo, og = o / groups;
-  const at::Tensor coef = tent_coefficients(offset, g.kh, g.kw, g.sh, g.sw, offset_groups);
+  const at::Tensor coef =
+      coefficients(scope_tents(offset, g.kh, g.kw, g.sh, g.sw, offset_groups, false));
   at::Tensor out = at::empty({n, o, g.ho, g.wo}, input.options());
   for (int64_t first = 0; first < n; first += images_per_chunk) {
     const int64_t m = std::min(images_per_chunk, n - first);
@@ -124,9 +166,104 @@ at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight
   return out;
 }
 
+// Gradients (input, weight, offset) of global_gemm_forward, each undefined
+// unless asked for: per chunk, the input-column gradient (kernels^T @
+// grad_out, added back window by window) and the kernel gradient (grad_out @
+// columns^T), from which the scope-weight gradient (one product with the
+// coefficients) and the coefficient gradient (one product with the scope
+// weight, masked to each row's offset group) follow; the offset gradient then
+// comes from the tents' slopes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& offset, const c10::optional<at::Tensor>& row_groups,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, int64_t offset_groups, int64_t images_per_chunk,
+    std::array<bool, 3> output_mask) {
+  TORCH_CHECK(images_per_chunk > 0, "global_gemm_backward: images_per_chunk must be positive");
+  const auto [need_input, need_weight, need_offset] = output_mask;
+  const int64_t n = input.size(0), c = input.size(1), o = weight.size(0);
+  const Geometry g = geometry(input, weight, kernel_size, stride, padding, dilation, groups);
+  const int64_t taps = g.kh * g.kw, positions = g.ho * g.wo, og = o / groups, cg = c / groups;
+  const int64_t cells = g.sh * g.sw, rows = o * weight.size(1);
+  const auto acc = accumulation_dtype(input.scalar_type());
+  const Tents tents = scope_tents(offset, g.kh, g.kw, g.sh, g.sw, offset_groups, need_offset);
+  const at::Tensor coef = coefficients(tents);  // (N, G, K, S), acc
+  const at::Tensor scope = weight.to(acc).reshape({rows, cells});
+  // The scope weight seen by each offset group: row m only by its own group.
+  at::Tensor group_scope = scope;
+  if (row_groups.has_value()) {
+    const at::Tensor member = row_groups->view({rows, 1}).eq(at::arange(offset_groups,
+                                                                        row_groups->options()));
+    group_scope = scope.unsqueeze(1).mul(member.unsqueeze(-1).to(acc)).reshape({rows, -1});
+  }
+  at::Tensor grad_xp, grad_scope, grad_coef;
+  if (need_input) {
+    grad_xp = at::zeros({n, c, input.size(2) + 2 * g.ph, input.size(3) + 2 * g.pw},
+                        input.options().dtype(acc));
+  }
+  if (need_weight) grad_scope = at::zeros({rows, offset_groups * cells}, scope.options());
+  if (need_offset) grad_coef = at::empty_like(coef);
+  for (int64_t first = 0; first < n; first += images_per_chunk) {
+    const int64_t m = std::min(images_per_chunk, n - first);
+    const at::Tensor chunk_coef = coef.narrow(0, first, m);
+    const at::Tensor kernels =
+        per_image_kernels(weight, chunk_coef, row_groups, input.scalar_type());
+    const at::Tensor cols =
+        gathered_columns(input.narrow(0, first, m), g, stride[0], stride[1], false)
+            .view({m * groups, taps * cg, positions});
+    const at::Tensor grads = grad_output.narrow(0, first, m).reshape({m * groups, og, positions});
+    if (need_input) {
+      const at::Tensor tap_minor =
+          kernels.view({m, taps, groups, og, cg}).permute({0, 2, 3, 1, 4})
+              .reshape({m * groups, og, taps * cg});
+      const at::Tensor grad_cols = at::bmm(tap_minor.transpose(1, 2), grads)
+                                       .view({m, groups, taps, cg, g.ho, g.wo});
+      const at::Tensor part = grad_xp.narrow(0, first, m);
+      for (int64_t a = 0; a < g.kh; ++a) {
+        for (int64_t b = 0; b < g.kw; ++b) {
+          part.slice(2, a * g.dh, a * g.dh + stride[0] * (g.ho - 1) + 1, stride[0])
+              .slice(3, b * g.dw, b * g.dw + stride[1] * (g.wo - 1) + 1, stride[1])
+              .unflatten(1, {groups, cg})
+              .add_(grad_cols.select(2, a * g.kw + b));
+        }
+      }
+    }
+    if (need_weight || need_offset) {
+      const at::Tensor grad_kernels = at::bmm(grads, cols.transpose(1, 2))
+                                          .view({m, groups, og, taps, cg})
+                                          .permute({0, 3, 1, 2, 4})
+                                          .reshape({m * taps, rows})
+                                          .to(acc);
+      if (need_weight) {  // sum over (image, tap) of grad_kernel x coefficient, every group
+        grad_scope.addmm_(grad_kernels.t(), chunk_coef.transpose(1, 2).reshape({m * taps, -1}));
+      }
+      if (need_offset) {
+        grad_coef.narrow(0, first, m).copy_(grad_kernels.mm(group_scope)
+                                                .view({m, taps, offset_groups, cells})
+                                                .transpose(1, 2));
+      }
+    }
+  }
+  at::Tensor grad_input, grad_weight, grad_offset;
+  if (need_input) {
+    grad_input = grad_xp.narrow(2, g.ph, input.size(2)).narrow(3, g.pw, input.size(3))
+                     .to(input.scalar_type()).contiguous();
+  }
+  if (need_weight) {
+    at::Tensor own = grad_scope.view({rows, offset_groups, cells});
+    own = row_groups.has_value()
+              ? own.gather(1, row_groups->view({rows, 1, 1}).expand({rows, 1, cells}))
+              : own.narrow(1, 0, 1);
+    grad_weight = own.reshape(weight.sizes()).to(weight.scalar_type());
+  }
+  if (need_offset) grad_offset = offset_gradient(tents, grad_coef).to(offset.scalar_type());
+  return {grad_input, grad_weight, grad_offset};
+}
+
 }  // namespace
 }  // namespace erftool
 
 TORCH_LIBRARY_IMPL(erftool_native, CompositeExplicitAutograd, m) {
   m.impl("global_gemm_forward", &erftool::global_gemm_forward);
+  m.impl("global_gemm_backward", &erftool::global_gemm_backward);
 }
