@@ -156,13 +156,17 @@ def profile_forwards(leaves, calls, log):
     from torch.profiler import ProfilerActivity, profile
 
     for op_name, (fn, _) in calls.items():
-        with torch.no_grad():
-            fn(leaves)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        log(f"--- profile: {op_name}")
+        try:
+            with torch.no_grad():
                 fn(leaves)
                 torch.cuda.synchronize()
-        log(f"--- profile: {op_name}")
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    fn(leaves)
+                    torch.cuda.synchronize()
+        except Exception as exc:  # e.g. an op without this dtype: keep the benchmark going
+            log(f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            continue
         log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10))
 
 
