@@ -16,9 +16,11 @@ tensor is smaller:
     (C_out/g, C_in/g) @ (C_in/g, L), and the K partial outputs summed
     afterwards (in float32 for the half types): no copy of the kernels,
     which then outweigh the image.
-On an H100 (fp32, N 32) this rule picked the faster layout at all four
-ResNet-stage shapes. A third layout, per-tap products reading the padded
-input in place (no gathered copy), was slower at all four and was dropped.
+On an H100 (fp32, N 32, ResNet-stage shapes) the rule picked the faster
+layout at all four shapes in one call and at three in the next, where the
+two differed by 5-15 % (host-bound timings). A third layout, per-tap
+products reading the padded input in place (no gathered copy), was slower
+than both at all four shapes and was dropped.
 Both passes are native (native/composite/global_gemm.cpp: ATen operations
 issued from C++, for host time) and draw the scope coefficients densely as
 tents, max(0, 1 - |p - i|) per axis, whose slopes give the offset gradient.

@@ -16,7 +16,7 @@ tensor is larger:
     convolution library spends its time re-laying out N different weight
     tensors); its running sums are float32 for half types.
 On GPUs a third form runs instead: batched matrix products of each image's
-kernel with its tap-major input columns (erftool/ops/_global_gemm.py).
+kernel with its gathered input windows (erftool/ops/_global_gemm.py).
 Forward and backward are written out by hand (no autograd graph over large
 tensors); only the tiny offset -> corner-weight step goes through autograd.
 """

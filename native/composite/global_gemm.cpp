@@ -1,11 +1,11 @@
-// erftool_native::global_gemm_forward: the global Deformable Kernel's forward
-// as batched matrix products, composed of ATen operations so that one
-// implementation serves every device. erftool/ops/_global_gemm.py describes
-// the three layouts and holds the backward. The forward lives here rather
-// than in Python because on a GPU its small operations, issued from Python,
-// took about twice the host time that the device spent on them: at N 32,
-// C 64, 56 x 56 on an H100 the forward took 1.23 ms from Python and 0.88 ms
-// from here (0.47 ms of kernels).
+// erftool_native::global_gemm_forward / global_gemm_backward: the global
+// Deformable Kernel as batched matrix products, composed of ATen operations
+// so that one implementation serves every device (erftool/ops/_global_gemm.py
+// describes the two layouts and picks one). Both passes live here rather
+// than in Python because on a GPU their small operations, issued from
+// Python, took about twice the host time that the device spent on them: at
+// N 32, C 64, 56 x 56 on an H100 the forward took 1.23 ms from Python and
+// 0.88 ms from here (0.47 ms of kernels).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
