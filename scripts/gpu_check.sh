@@ -4,7 +4,9 @@
 #   1. (COMPILE_CHECK=1 only) nvcc compile check of native/cuda/*.cu (sm_80 + sm_90);
 #   2. builds the native extension with its CUDA kernels (erftool/ops/_native.py);
 #   3. runs tests/test_ops_cuda.py (CUDA vs reference / CPU, half types, gradcheck);
-#   4. runs benchmarks/bench_gpu.py (local DK, global DK, DC, DK+DC vs cuDNN conv2d).
+#   4. runs benchmarks/bench_gpu.py (local DK, global DK, DC, DK+DC vs cuDNN conv2d;
+#      with --global-forms and --profile), then two float32 diagnostics appended
+#      to bench.log: --timing synced, and ERFTOOL_CHUNK_MB=1024 (one column chunk).
 # Everything is written under $OUT (default ./gpu-results), at most 8 files:
 #   summary.txt env.txt compile.log build.log tests.log bench.log bench_gpu.json bench_gpu.md
 # Exit status: 0 when the build and the tests passed (benchmark problems are
@@ -13,7 +15,8 @@
 # Usage: scripts/gpu_check.sh [--quick]     (--quick: shorter benchmark)
 # Env:   PYTHON (default python3), OUT, BENCH_ARGS (extra bench_gpu.py arguments),
 #        PYTEST_ARGS (extra pytest arguments), SKIP_BENCH=1, SKIP_TESTS=1,
-#        COMPILE_CHECK=1, TEST_TIMEOUT / BENCH_TIMEOUT (seconds, default 420 / 300).
+#        COMPILE_CHECK=1, SKIP_DIAGNOSTICS=1,
+#        TEST_TIMEOUT / BENCH_TIMEOUT (seconds, default 420 / 300).
 # On an H100 it took 95-160 s (build 32-41 s, tests 35-53 s, benchmark 12-20 s).
 set -uo pipefail
 
@@ -148,7 +151,7 @@ if [[ -z "${SKIP_BENCH:-}" && $build_rc -eq 0 ]]; then
   t0=$(date +%s)
   # shellcheck disable=SC2086
   with_timeout "${BENCH_TIMEOUT:-300}" "$python" benchmarks/bench_gpu.py --out "$out" $quick \
-    ${BENCH_ARGS:-} >"$out/bench.log" 2>&1
+    --global-forms --profile ${BENCH_ARGS:-} >"$out/bench.log" 2>&1
   bench_rc=$?
   note "bench: $(( $(date +%s) - t0 )) s (rc=$bench_rc)"
   if [[ -f "$out/bench_gpu.md" ]]; then
@@ -156,6 +159,25 @@ if [[ -z "${SKIP_BENCH:-}" && $build_rc -eq 0 ]]; then
   else
     note "bench: no results, see bench.log"
     tail -n 30 "$out/bench.log"
+  fi
+  if [[ -z "${SKIP_DIAGNOSTICS:-}" ]]; then
+    scratch="$(mktemp -d)"
+    for setting in "--timing synced" "chunk1024"; do
+      echo "=== diagnostic: $setting" >>"$out/bench.log"
+      if [[ "$setting" == chunk1024 ]]; then
+        # shellcheck disable=SC2086
+        ERFTOOL_CHUNK_MB=1024 with_timeout 120 "$python" benchmarks/bench_gpu.py $quick \
+          --dtypes float32 --out "$scratch" >/dev/null 2>&1
+      else
+        # shellcheck disable=SC2086
+        with_timeout 120 "$python" benchmarks/bench_gpu.py $quick $setting --dtypes float32 \
+          --out "$scratch" >/dev/null 2>&1
+      fi
+      cat "$scratch/bench_gpu.md" >>"$out/bench.log" 2>/dev/null
+      rm -f "$scratch/bench_gpu.md" "$scratch/bench_gpu.json"
+    done
+    rmdir "$scratch"
+    note "diagnostics (synced timing, 1 GB chunks): appended to bench.log"
   fi
 fi
 
