@@ -43,12 +43,14 @@ from erftool.ops import _native  # noqa: E402
 
 TARGETS = {"local_dk": 2.5, "global_dk": 1.3}
 
-# (name, N, C_in, C_out, H=W): ResNet-stage-like shapes, 3x3 kernels, stride 1, pad 1.
+# (name, N, C_in, C_out, H=W, groups): ResNet-stage-like shapes and one depthwise
+# layer, 3x3 kernels, stride 1, pad 1.
 SHAPES = [
-    ("r2_56x56_c64", 32, 64, 64, 56),
-    ("r3_28x28_c128", 32, 128, 128, 28),
-    ("r4_14x14_c256", 32, 256, 256, 14),
-    ("r5_7x7_c512", 32, 512, 512, 7),
+    ("r2_56x56_c64", 32, 64, 64, 56, 1),
+    ("r3_28x28_c128", 32, 128, 128, 28, 1),
+    ("r4_14x14_c256", 32, 256, 256, 14, 1),
+    ("r5_7x7_c512", 32, 512, 512, 7, 1),
+    ("dw_56x56_c256", 32, 256, 256, 56, 256),
 ]
 QUICK_SHAPES = [SHAPES[1], SHAPES[2]]
 
@@ -77,15 +79,15 @@ def timed(fn, warmup: int, reps: int, queued: bool = True) -> float:
     return statistics.median(times)
 
 
-def make_ops(n, c, o, hw, dtype, scope=4, k=3, dev="cuda"):
+def make_ops(n, c, o, hw, dtype, groups=1, scope=4, k=3, dev="cuda"):
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def rand(*shape, scale=1.0):
         return torch.randn(*shape, device=dev, dtype=dtype, generator=gen) * scale
 
     x = rand(n, c, hw, hw)
-    w3 = rand(o, c, k, k, scale=0.05)
-    ws = rand(o, c, scope, scope, scale=0.05)
+    w3 = rand(o, c // groups, k, k, scale=0.05)
+    ws = rand(o, c // groups, scope, scope, scale=0.05)
     taps = k * k
     local = rand(n, 2 * taps, hw, hw, scale=0.5)
     glob = rand(n, 2 * taps, scale=0.5)
@@ -96,19 +98,19 @@ def make_ops(n, c, o, hw, dtype, scope=4, k=3, dev="cuda"):
               "mask": mask}
 
     calls = {
-        "conv2d": (lambda t: F.conv2d(t["x"], t["w3"], None, 1, 1), ("x", "w3")),
+        "conv2d": (lambda t: F.conv2d(t["x"], t["w3"], None, 1, 1, 1, groups), ("x", "w3")),
         "local_dk": (lambda t: ops.deform_kernel2d(t["x"], t["ws"], t["local"], kernel_size=k,
-                                                   padding=1, backend="native"),
+                                                   padding=1, groups=groups, backend="native"),
                      ("x", "ws", "local")),
         "global_dk": (lambda t: ops.deform_kernel2d(t["x"], t["ws"], t["glob"], kernel_size=k,
-                                                    padding=1, backend="native"),
+                                                    padding=1, groups=groups, backend="native"),
                       ("x", "ws", "glob")),
         "dc": (lambda t: ops.deform_conv2d(t["x"], t["off"], t["w3"], None, padding=1,
                                            mask=t["mask"], backend="native"),
                ("x", "off", "w3", "mask")),
         "dk_dc": (lambda t: ops.deform_kernel2d(t["x"], t["ws"], t["local"], kernel_size=k,
                                                 padding=1, data_offset=t["off"],
-                                                backend="native"),
+                                                groups=groups, backend="native"),
                   ("x", "ws", "local", "off")),
     }
     try:
@@ -171,8 +173,8 @@ def profile_forwards(leaves, calls, log):
 
 
 def bench_shape(shape, dtype, args, log, profile=False):
-    name, n, c, o, hw = shape
-    leaves, grad, calls = make_ops(n, c, o, hw, dtype)
+    name, n, c, o, hw, groups = shape
+    leaves, grad, calls = make_ops(n, c, o, hw, dtype, groups)
     queued = args.timing == "queued"
     if args.global_forms:
         base, used = calls["global_dk"]
@@ -180,7 +182,7 @@ def bench_shape(shape, dtype, args, log, profile=False):
             calls[f"global_dk[{variant}]"] = (with_global_form(base, variant), used)
     if profile:
         profile_forwards(leaves, calls, log)
-    row = {"shape": name, "N": n, "C_in": c, "C_out": o, "H": hw, "W": hw,
+    row = {"shape": name, "N": n, "C_in": c, "C_out": o, "H": hw, "W": hw, "groups": groups,
            "dtype": str(dtype).replace("torch.", ""), "ms": {}}
     for op_name, (fn, used) in calls.items():
         entry = {}

@@ -371,6 +371,27 @@ def test_global_dk_runs_the_gemm_form_on_cuda(monkeypatch, layout, groups, offse
     torch.testing.assert_close(bf16.float(), f32, rtol=5e-2, atol=5e-2 * f32.abs().max().item())
 
 
+@requires_cuda
+def test_depthwise_global_dk_on_cuda_keeps_the_grouped_convolution():
+    from erftool.ops import _global_kernel
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 6, 7, 7, generator=gen, dtype=torch.float64)
+    w = torch.randn(6, 1, 4, 4, generator=gen, dtype=torch.float64)
+    off = 0.8 * torch.randn(3, 18, generator=gen, dtype=torch.float64)
+    geom = _args.Geometry((3, 3), (1, 1), (1, 1), (1, 1), 6, 1, 1, (7, 7))
+    assert _global_kernel.form(x.cuda(), w.cuda(), geom) == "conv"
+    leaves = [t.cuda().requires_grad_() for t in (x, w, off)]
+    got = ops.deform_kernel2d(*leaves, kernel_size=3, padding=1, groups=6, backend="native")
+    cpu = [t.detach().clone().requires_grad_() for t in (x, w, off)]
+    want = ops.deform_kernel2d(*cpu, kernel_size=3, padding=1, groups=6, backend="reference")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+    probe = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, leaves, probe.cuda()),
+                    torch.autograd.grad(want, cpu, probe)):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9)
+
+
 # ------------------------------------------------------------------ plumbing
 
 @requires_cuda

@@ -1,6 +1,7 @@
 """Global Deformable Kernel as batched matrix products: each image's
 resampled kernel times that image's gathered input windows (the form for
-GPUs, where cuBLAS runs batched products near the speed of one large one,
+GPUs, depthwise layers excepted (_global_kernel.form), where cuBLAS runs
+batched products near the speed of one large one,
 while cuDNN's grouped convolution with the batch folded into the groups, and
 a product per tap on strided windows, ran 5-50x slower than conv2d on an
 H100; see benchmarks/RESULTS.md).

@@ -282,7 +282,12 @@ def form(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
     """How the per-image convolution runs: "gemm" (batched matrix products,
     erftool/ops/_global_gemm.py) on GPUs; on CPU "tapwise" or "conv" (above)."""
     if input.is_cuda:
-        return "gemm"
+        # Depthwise layers keep the grouped convolution: with the batch folded
+        # into the groups it is still a depthwise convolution, which cuDNN runs
+        # near memory speed, where the batched products would be matrix-vector
+        # products over a gathered copy K times the input. (Reasoned, not yet
+        # measured: benchmarks/bench_gpu.py's depthwise shape compares them.)
+        return "conv" if weight.shape[1] == 1 else "gemm"
     return "tapwise" if _kernels_outweigh_image(weight.shape[1], geom) else "conv"
 
 
