@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import erftool.ops as ops
-from erftool.ops import _args, _global_gemm, _global_kernel, reference
+from erftool.ops import _args, _global_gemm, _global_kernel, _native, reference
 
 
 def assert_operator_matches_reference(x, w, off, g, **kwargs):
@@ -141,7 +141,9 @@ def test_non_finite_global_offsets_contribute_nothing(channels, size):
 
 @pytest.fixture
 def gemm_form(monkeypatch):
-    """The global DK's GPU form (batched matrix products), forced on CPU."""
+    """The global DK's GPU form (batched matrix products), forced on CPU, with
+    the native module loaded (as the operator's native backend would have)."""
+    assert _native.load_native() is not None, _native.native_error()
     monkeypatch.setattr(_global_kernel, "form", lambda input, weight, geom: "gemm")
 
 
@@ -260,3 +262,23 @@ def test_gemm_form_offset_gradient_at_cell_boundaries(gemm_form, scope):
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(4, 3, *scope, dtype=torch.float64, generator=g, requires_grad=True)
     assert_operator_matches_reference(x, w, off, g, kernel_size=3, padding=1)
+
+
+@pytest.mark.parametrize("needs", [[True, False, False], [False, True, False], [False, False, True],
+                                   [False, True, True], [True, True, True]])
+def test_gemm_form_backward_computes_what_is_asked(gemm_form, needs):
+    # Each pass skips the work of the gradients not asked for (the ERF engine
+    # asks for the input's only); what it returns must not change.
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, generator=g)
+    w = torch.randn(6, 2, 4, 4, dtype=torch.float64, generator=g)
+    off = torch.randn(3, 2 * 2 * 9, dtype=torch.float64, generator=g)
+    grad = torch.randn(3, 6, 5, 5, dtype=torch.float64, generator=g)
+    geom = _args.Geometry((3, 3), (1, 1), (1, 1), (1, 1), 2, 2, 1, (5, 5))
+    full = _global_kernel.backward(grad, x, w, off, geom, [True] * 3, contextlib.nullcontext)
+    some = _global_kernel.backward(grad, x, w, off, geom, needs, contextlib.nullcontext)
+    for wanted, a, b in zip(needs, some, full):
+        if wanted:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        else:
+            assert a is None

@@ -206,15 +206,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
   for (int64_t first = 0; first < n; first += images_per_chunk) {
     const int64_t m = std::min(images_per_chunk, n - first);
     const at::Tensor chunk_coef = coef.narrow(0, first, m);
-    const at::Tensor kernels =
-        per_image_kernels(weight, chunk_coef, row_groups, input.scalar_type());
-    const at::Tensor cols =
-        gathered_columns(input.narrow(0, first, m), g, stride[0], stride[1], false)
-            .view({m * groups, taps * cg, positions});
     const at::Tensor grads = grad_output.narrow(0, first, m).reshape({m * groups, og, positions});
-    if (need_input) {
+    if (need_input) {  // needs the kernels, not the columns
       const at::Tensor tap_minor =
-          kernels.view({m, taps, groups, og, cg}).permute({0, 2, 3, 1, 4})
+          per_image_kernels(weight, chunk_coef, row_groups, input.scalar_type())
+              .view({m, taps, groups, og, cg}).permute({0, 2, 3, 1, 4})
               .reshape({m * groups, og, taps * cg});
       const at::Tensor grad_cols = at::bmm(tap_minor.transpose(1, 2), grads)
                                        .view({m, groups, taps, cg, g.ho, g.wo});
@@ -228,7 +224,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
         }
       }
     }
-    if (need_weight || need_offset) {
+    if (need_weight || need_offset) {  // needs the columns, not the kernels
+      const at::Tensor cols =
+          gathered_columns(input.narrow(0, first, m), g, stride[0], stride[1], false)
+              .view({m * groups, taps * cg, positions});
       const at::Tensor grad_kernels = at::bmm(grads, cols.transpose(1, 2))
                                           .view({m, groups, og, taps, cg})
                                           .permute({0, 3, 1, 2, 4})
