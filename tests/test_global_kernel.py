@@ -282,3 +282,32 @@ def test_gemm_form_backward_computes_what_is_asked(gemm_form, needs):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         else:
             assert a is None
+
+
+@pytest.mark.parametrize("layout", ["one_product", "tap_sums"])
+@pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 4)])
+def test_gemm_native_ops_in_bfloat16_track_float32(layout, groups, offset_groups):
+    # The half-type paths of native/composite/global_gemm.cpp (kernels resampled
+    # and summed in float32, gradients accumulated in float32), run on CPU: the
+    # GPU form's arithmetic, which CI cannot run on a device.
+    assert _native.load_native() is not None, _native.native_error()
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 8, 7, 6, generator=g)
+    w = torch.randn(6, 8 // groups, 4, 5, generator=g)
+    off = 0.8 * torch.randn(3, 2 * offset_groups * 6, generator=g)
+    rows = _global_kernel._row_groups(w, groups, offset_groups)
+    geometry = ([3, 2], [1, 1], [1, 0], [1, 2], groups, offset_groups)
+    low = [t.bfloat16() for t in (x, w, off)]
+    ref = [t.float() for t in low]  # the same rounded inputs
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    out = [torch.ops.erftool_native.global_gemm_forward(*t, rows, *geometry, layout, 1)
+           for t in (low, ref)]
+    assert out[0].dtype == torch.bfloat16 and rel(*out) < 1e-2
+    grad = torch.randn(out[1].shape, generator=g).bfloat16()
+    grads = [torch.ops.erftool_native.global_gemm_backward(
+        gr, *t, rows, *geometry, 1, [True] * 3) for t, gr in ((low, grad), (ref, grad.float()))]
+    for a, b in zip(*grads):
+        assert a.dtype == torch.bfloat16 and rel(a, b) < 1e-2
