@@ -6,17 +6,16 @@ while cuDNN's grouped convolution with the batch folded into the groups, and
 a product per tap on strided windows, ran 5-50x slower than conv2d on an
 H100; see benchmarks/RESULTS.md).
 
-The columns hold every tap's window of the padded input, gathered in one
-strided copy. Two layouts of the same arithmetic, chosen by which extra
-tensor is smaller:
-  * "one_product": one product per image and group,
-    (C_out/g, K*C_in/g) @ (K*C_in/g, L), with the kernels re-laid tap-minor
-    first (a copy of the kernels): when the channels per group are fewer
-    than the output positions;
-  * "tap_sums": one product per image, group and tap,
-    (C_out/g, C_in/g) @ (C_in/g, L), and the K partial outputs summed
-    afterwards (in float32 for the half types): no copy of the kernels,
-    which then outweigh the image.
+The columns hold every tap's window of the padded input. Two layouts of the
+same arithmetic, chosen by which extra tensor is smaller:
+  * "one_product": im2col's columns and one product per image and group,
+    (C_out/g, C_in/g*K) @ (C_in/g*K, L), with the kernels re-laid
+    channel-major first (a copy of the kernels): when the channels per
+    group are fewer than the output positions;
+  * "tap_sums": the windows gathered tap-major in one strided copy, one
+    product per image, group and tap, (C_out/g, C_in/g) @ (C_in/g, L), and
+    the K partial outputs summed afterwards (in float32 for the half types):
+    no copy of the kernels, which then outweigh the image.
 On an H100 (fp32, N 32, ResNet-stage shapes) the rule picked the faster
 layout at all four shapes in one call and at three in the next, where the
 two differed by 5-15 % (host-bound timings). A third layout, per-tap
@@ -26,7 +25,10 @@ Both passes are native (native/composite/global_gemm.cpp: ATen operations
 issued from C++, for host time) and draw the scope coefficients densely as
 tents, max(0, 1 - |p - i|) per axis, whose slopes give the offset gradient.
 The backward uses the one-product layout: two batched products per chunk,
-the input gradient added back window by window.
+the input gradient summed back from its columns by col2im. (im2col and
+col2im replaced a strided gather and per-tap window additions after the
+H100 calls: fewer, larger operations, not yet timed on a GPU; on CPU the
+backward's host time for a tiny input went from 632 to 313 us.)
 Images go in chunks that keep the columns and kernels under _CHUNK_BYTES.
 """
 from __future__ import annotations

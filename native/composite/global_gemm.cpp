@@ -108,21 +108,33 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& weight, at::IntArra
   return g;
 }
 
-// The windows of every tap gathered in one strided copy:
-// (n, K, groups, C/groups, L) when tap_major, else (n, groups, K, C/groups, L).
-at::Tensor gathered_columns(const at::Tensor& input, const Geometry& g, int64_t stride_h,
-                            int64_t stride_w, bool tap_major) {
+// Every tap's window of the padded input, tap-major, in one strided copy:
+// (n, K, groups, C/groups, L).
+at::Tensor tap_major_columns(const at::Tensor& input, const Geometry& g, int64_t stride_h,
+                             int64_t stride_w) {
   const at::Tensor xp = at::constant_pad_nd(input, {g.pw, g.pw, g.ph, g.ph}).contiguous();
   const int64_t n = xp.size(0), c = xp.size(1), cg = c / g.groups;
   const auto s = xp.strides();
-  const at::Tensor windows = xp.as_strided(
-      {n, g.groups, g.kh, g.kw, cg, g.ho, g.wo},
-      {s[0], cg * s[1], g.dh * s[2], g.dw * s[3], s[1], stride_h * s[2], stride_w * s[3]},
-      xp.storage_offset());
-  if (tap_major) {
-    return windows.permute({0, 2, 3, 1, 4, 5, 6}).reshape({n, g.kh * g.kw, g.groups, cg, -1});
-  }
-  return windows.reshape({n, g.groups, g.kh * g.kw, cg, -1});
+  return xp.as_strided({n, g.kh, g.kw, g.groups, cg, g.ho, g.wo},
+                       {s[0], g.dh * s[2], g.dw * s[3], cg * s[1], s[1], stride_h * s[2],
+                        stride_w * s[3]},
+                       xp.storage_offset())
+      .reshape({n, g.kh * g.kw, g.groups, cg, -1});
+}
+
+// im2col's columns (n, C*K, L), channel-major and tap-minor, as
+// (n*groups, C/groups*K, L) matrices.
+at::Tensor im2col_columns(const at::Tensor& input, const Geometry& g, at::IntArrayRef stride) {
+  return at::im2col(input, {g.kh, g.kw}, {g.dh, g.dw}, {g.ph, g.pw}, stride)
+      .view({input.size(0) * g.groups, -1, g.ho * g.wo});
+}
+
+// (n, K, M) kernels as (n*groups, C_out/groups, C_in/groups*K) matrices,
+// channel-major and tap-minor like im2col's columns (a copy of the kernels).
+at::Tensor channel_major(const at::Tensor& kernels, const Geometry& g, int64_t og, int64_t cg) {
+  const int64_t n = kernels.size(0), taps = kernels.size(1);
+  return kernels.view({n, taps, g.groups, og, cg}).permute({0, 2, 3, 4, 1})
+      .reshape({n * g.groups, og, cg * taps});
 }
 
 at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight,
@@ -149,18 +161,15 @@ at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight
     const at::Tensor kernels =
         per_image_kernels(weight, chunk_coef, row_groups, input.scalar_type());
     if (layout == "tap_sums") {
-      const at::Tensor cols = gathered_columns(images, g, stride[0], stride[1], true);
+      const at::Tensor cols = tap_major_columns(images, g, stride[0], stride[1]);
       const at::Tensor parts = at::bmm(kernels.view({m * taps * groups, og, -1}),
                                        cols.view({m * taps * groups, -1, positions}));
       part.copy_(parts.view({m, taps, o, g.ho, g.wo})
                      .sum(1, false, accumulation_dtype(input.scalar_type())));
-    } else {  // one_product: the kernels re-laid tap-minor, one product per image and group
-      const at::Tensor cols = gathered_columns(images, g, stride[0], stride[1], false);
-      const at::Tensor tap_minor = kernels.view({m, taps, groups, og, -1})
-                                       .permute({0, 2, 3, 1, 4})
-                                       .reshape({m * groups, og, -1});
+    } else {  // one_product: one product per image and group over C_in/groups * K
       at::Tensor target = part.view({m * groups, og, positions});
-      at::bmm_out(target, tap_minor, cols.view({m * groups, -1, positions}));
+      at::bmm_out(target, channel_major(kernels, g, og, weight.size(1)),
+                  im2col_columns(images, g, stride));
     }
   }
   return out;
@@ -168,11 +177,11 @@ at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight
 
 // Gradients (input, weight, offset) of global_gemm_forward, each undefined
 // unless asked for: per chunk, the input-column gradient (kernels^T @
-// grad_out, added back window by window) and the kernel gradient (grad_out @
-// columns^T), from which the scope-weight gradient (one product with the
-// coefficients) and the coefficient gradient (one product with the scope
-// weight, masked to each row's offset group) follow; the offset gradient then
-// comes from the tents' slopes.
+// grad_out, summed back into the image by col2im) and the kernel gradient
+// (grad_out @ columns^T), from which the scope-weight gradient (one product
+// with the coefficients) and the coefficient gradient (one product with the
+// scope weight, masked to each row's offset group) follow; the offset
+// gradient then comes from the tents' slopes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& offset, const c10::optional<at::Tensor>& row_groups,
@@ -196,41 +205,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
                                                                         row_groups->options()));
     group_scope = scope.unsqueeze(1).mul(member.unsqueeze(-1).to(acc)).reshape({rows, -1});
   }
-  at::Tensor grad_xp, grad_scope, grad_coef;
-  if (need_input) {
-    grad_xp = at::zeros({n, c, input.size(2) + 2 * g.ph, input.size(3) + 2 * g.pw},
-                        input.options().dtype(acc));
-  }
+  at::Tensor grad_input, grad_scope, grad_coef;
+  if (need_input) grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
   if (need_weight) grad_scope = at::zeros({rows, offset_groups * cells}, scope.options());
   if (need_offset) grad_coef = at::empty_like(coef);
   for (int64_t first = 0; first < n; first += images_per_chunk) {
     const int64_t m = std::min(images_per_chunk, n - first);
     const at::Tensor chunk_coef = coef.narrow(0, first, m);
     const at::Tensor grads = grad_output.narrow(0, first, m).reshape({m * groups, og, positions});
-    if (need_input) {  // needs the kernels, not the columns
-      const at::Tensor tap_minor =
-          per_image_kernels(weight, chunk_coef, row_groups, input.scalar_type())
-              .view({m, taps, groups, og, cg}).permute({0, 2, 3, 1, 4})
-              .reshape({m * groups, og, taps * cg});
-      const at::Tensor grad_cols = at::bmm(tap_minor.transpose(1, 2), grads)
-                                       .view({m, groups, taps, cg, g.ho, g.wo});
-      const at::Tensor part = grad_xp.narrow(0, first, m);
-      for (int64_t a = 0; a < g.kh; ++a) {
-        for (int64_t b = 0; b < g.kw; ++b) {
-          part.slice(2, a * g.dh, a * g.dh + stride[0] * (g.ho - 1) + 1, stride[0])
-              .slice(3, b * g.dw, b * g.dw + stride[1] * (g.wo - 1) + 1, stride[1])
-              .unflatten(1, {groups, cg})
-              .add_(grad_cols.select(2, a * g.kw + b));
-        }
-      }
+    if (need_input) {  // needs the kernels, not the columns; col2im adds the windows back
+      const at::Tensor kernels =
+          per_image_kernels(weight, chunk_coef, row_groups, input.scalar_type());
+      const at::Tensor grad_cols = at::bmm(channel_major(kernels, g, og, cg).transpose(1, 2),
+                                           grads);
+      grad_input.narrow(0, first, m).copy_(at::col2im(
+          grad_cols.view({m, c * taps, positions}), {input.size(2), input.size(3)},
+          {g.kh, g.kw}, {g.dh, g.dw}, {g.ph, g.pw}, stride));
     }
     if (need_weight || need_offset) {  // needs the columns, not the kernels
-      const at::Tensor cols =
-          gathered_columns(input.narrow(0, first, m), g, stride[0], stride[1], false)
-              .view({m * groups, taps * cg, positions});
+      const at::Tensor cols = im2col_columns(input.narrow(0, first, m), g, stride);
       const at::Tensor grad_kernels = at::bmm(grads, cols.transpose(1, 2))
-                                          .view({m, groups, og, taps, cg})
-                                          .permute({0, 3, 1, 2, 4})
+                                          .view({m, groups, og, cg, taps})
+                                          .permute({0, 4, 1, 2, 3})
                                           .reshape({m * taps, rows})
                                           .to(acc);
       if (need_weight) {  // sum over (image, tap) of grad_kernel x coefficient, every group
@@ -243,11 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
       }
     }
   }
-  at::Tensor grad_input, grad_weight, grad_offset;
-  if (need_input) {
-    grad_input = grad_xp.narrow(2, g.ph, input.size(2)).narrow(3, g.pw, input.size(3))
-                     .to(input.scalar_type()).contiguous();
-  }
+  at::Tensor grad_weight, grad_offset;
   if (need_weight) {
     at::Tensor own = grad_scope.view({rows, offset_groups, cells});
     own = row_groups.has_value()
