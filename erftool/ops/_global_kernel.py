@@ -15,8 +15,9 @@ tensor is larger:
     kernels outweigh the image (many channels on a small map, where a
     convolution library spends its time re-laying out N different weight
     tensors); its running sums are float32 for half types.
-On GPUs a third form runs instead: batched matrix products of each image's
-kernel with its gathered input windows (erftool/ops/_global_gemm.py).
+On GPUs a third form runs instead, depthwise layers excepted (form()):
+batched matrix products of each image's kernel with its input windows
+(erftool/ops/_global_gemm.py).
 Forward and backward are written out by hand (no autograd graph over large
 tensors); only the tiny offset -> corner-weight step goes through autograd.
 """
