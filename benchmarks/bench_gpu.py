@@ -1,7 +1,7 @@
 """GPU benchmarks of erftool's native CUDA operators against cuDNN conv2d.
 
 Measures, per shape and dtype, forward and forward+backward medians (CUDA
-events, after warm-up) of
+events, after warm-up), and the forward's kernel time alone (profiler), of
   * conv2d           torch.nn.functional.conv2d, 3x3 (cuDNN, benchmark mode): the anchor
   * local DK         erftool.ops.deform_kernel2d, scope 4x4, per-location offsets
   * global DK        erftool.ops.deform_kernel2d, scope 4x4, per-image offsets
@@ -153,6 +153,17 @@ def with_global_form(fn, variant):
     return call
 
 
+def device_ms(fn) -> float:
+    """Milliseconds the device spends in the kernels of one call (profiler
+    totals): against the timed wall-clock, it shows how host-bound a call is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+
+
 def profile_forwards(leaves, calls, log):
     """The CUDA kernels of one forward of each op (after a warm-up call)."""
     from torch.profiler import ProfilerActivity, profile
@@ -189,6 +200,7 @@ def bench_shape(shape, dtype, args, log, profile=False):
         try:
             with torch.no_grad():
                 entry["fwd"] = timed(lambda: fn(leaves), args.warmup, args.reps, queued)
+                entry["fwd_device"] = device_ms(lambda: fn(leaves))
             train = {key: (val.detach().requires_grad_(key in used) if val.is_floating_point()
                            else val) for key, val in leaves.items()}
 
@@ -204,7 +216,8 @@ def bench_shape(shape, dtype, args, log, profile=False):
             entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         row["ms"][op_name] = entry
         log(f"  {name:>15} {row['dtype']:>9} {op_name:>15}: " + (
-            entry.get("error") or f"fwd {entry['fwd']:.3f} ms, fwd+bwd {entry['fwd_bwd']:.3f} ms"))
+            entry.get("error") or f"fwd {entry['fwd']:.3f} ms (device {entry['fwd_device']:.3f}), "
+                                  f"fwd+bwd {entry['fwd_bwd']:.3f} ms"))
         torch.cuda.empty_cache()
     base = row["ms"].get("conv2d", {})
     row["ratio_to_conv2d"] = {}
@@ -249,17 +262,20 @@ def markdown(env, rows) -> str:
              f"cudnn.benchmark={env['cudnn_benchmark']}; chunk MB={env['chunk_mb']}; "
              f"median of {env['reps']} (fwd) after {env['warmup']} warm-up runs, "
              f"{env['timing']} timing", "",
-             "| shape | dtype | op | fwd ms | fwd+bwd ms | fwd / conv2d | fwd+bwd / conv2d |",
-             "|---|---|---|---|---|---|---|"]
+             "fwd device ms: the forward's kernel time (profiler), without host overhead.", "",
+             "| shape | dtype | op | fwd ms | fwd device ms | fwd+bwd ms | fwd / conv2d | "
+             "fwd+bwd / conv2d |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for op_name, entry in row["ms"].items():
             ratio = row["ratio_to_conv2d"].get(op_name, {})
             if "error" in entry:
                 lines.append(f"| {row['shape']} | {row['dtype']} | {op_name} | error: "
-                             f"{entry['error'][:80]} | | | |")
+                             f"{entry['error'][:80]} | | | | |")
                 continue
             lines.append(
                 f"| {row['shape']} | {row['dtype']} | {op_name} | {entry['fwd']:.3f} | "
+                f"{entry['fwd_device']:.3f} | "
                 f"{entry['fwd_bwd']:.3f} | {ratio.get('fwd', float('nan')):.2f}x | "
                 f"{ratio.get('fwd_bwd', float('nan')):.2f}x |")
     lines += ["", "## Targets (forward time relative to conv2d)", ""]
