@@ -1,10 +1,9 @@
 """Global Deformable Kernel as batched matrix products: each image's
-resampled kernel times that image's gathered input windows (the form for
-GPUs, depthwise layers excepted (_global_kernel.form), where cuBLAS runs
-batched products near the speed of one large one,
-while cuDNN's grouped convolution with the batch folded into the groups, and
-a product per tap on strided windows, ran 5-50x slower than conv2d on an
-H100; see benchmarks/RESULTS.md).
+resampled kernel times that image's input columns. This is the GPU form,
+depthwise layers excepted (_global_kernel.form): on an H100, cuDNN's grouped
+convolution with the batch folded into the groups, and per-tap products on
+strided windows, ran 5-50x slower than conv2d, while cuBLAS runs a batch of
+products near the speed of one large one (benchmarks/RESULTS.md).
 
 The columns hold every tap's window of the padded input. Two layouts of the
 same arithmetic, chosen by which extra tensor is smaller:
