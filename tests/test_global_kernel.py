@@ -174,7 +174,7 @@ def test_gemm_form_matches_the_oracle(gemm_form, monkeypatch, layout, one_image_
     off = (0.8 * torch.randn(3, 2 * offset_groups * kernel[0] * kernel[1], dtype=torch.float64,
                              generator=g)).requires_grad_(True)
     per_chunk = _global_gemm._images_per_chunk(x, w, _geometry_of(x, w, kwargs))
-    assert per_chunk == 1 if one_image_chunks else per_chunk >= 3
+    assert (per_chunk == 1) if one_image_chunks else (per_chunk >= 3)
     assert_operator_matches_reference(x, w, off, g, **kwargs)
 
 
