@@ -251,7 +251,7 @@ def test_gemm_form_non_finite_offsets_contribute_nothing(gemm_form, monkeypatch,
                                rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("scope", [(4, 4), (3, 3)])
+@pytest.mark.parametrize("scope", [(4, 4), (3, 3), (4, 3), (3, 5)])
 def test_gemm_form_offset_gradient_at_cell_boundaries(gemm_form, scope):
     # Offsets that put samples exactly on cells, on the scope's edges (-1, S - 1)
     # and just outside: the tents' slopes must match the floor-based corners

@@ -32,31 +32,44 @@ struct Tents {
   at::Tensor dy, dx;  // slopes, same shapes (only when asked for)
 };
 
+// Both axes in the same few operations (each one a kernel launch on a GPU,
+// where the host time of such small operations is what this form spends most),
+// over max(S_h, S_w) cells.
 Tents scope_tents(const at::Tensor& offset, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                   int64_t offset_groups, bool slopes) {
-  const double far = -2.0 * static_cast<double>(std::max(sh, sw) + std::max(kh, kw));
+  const int64_t cells = std::max(sh, sw);
+  const double far = -2.0 * static_cast<double>(cells + std::max(kh, kw));
   const at::Tensor pos = offset.to(accumulation_dtype(offset.scalar_type()))
                              .reshape({offset.size(0), offset_groups, kh, kw, 2})
                              .nan_to_num(far, far, far);
   const auto opts = pos.options();
-  // axis: the sample positions y (N, G, kh, kw) and y - i for every cell i.
-  auto axis = [&](int64_t which, int64_t taps, int64_t cells, at::IntArrayRef centre_shape,
-                  at::Tensor* weight, at::Tensor* slope) {
-    const at::Tensor centred =
-        at::arange(taps, opts).add_(static_cast<double>(cells - taps) / 2).view(centre_shape);
-    const at::Tensor y = pos.select(-1, which).add(centred);
-    const at::Tensor d = y.unsqueeze(-1).sub(at::arange(cells, opts));
-    *weight = d.abs().neg_().add_(1).clamp_min_(0);
-    if (slopes) {
-      const at::Tensor inside = y.gt(-1).logical_and_(y.lt(static_cast<double>(cells)));
-      *slope = (d.ge(-1).logical_and_(d.lt(0)).to(pos.scalar_type())
-                    .sub_(d.ge(0).logical_and_(d.lt(1)).to(pos.scalar_type())))
-                   .mul_(inside.unsqueeze(-1));
-    }
+  const at::Tensor cell = at::arange(cells, opts);
+  // (taps, cells): tap t's centred position t + (S - K)/2 minus cell i.
+  auto gaps = [&](int64_t taps, int64_t scope) {
+    return at::arange(taps, opts).view({taps, 1}).sub(cell)
+        .add_(static_cast<double>(scope - taps) / 2);
   };
-  Tents t;
-  axis(0, kh, sh, {kh, 1}, &t.wy, &t.dy);
-  axis(1, kw, sw, {kw}, &t.wx, &t.dx);
+  const at::Tensor gap = at::stack({gaps(kh, sh).view({kh, 1, cells}).expand({kh, kw, cells}),
+                                    gaps(kw, sw).view({1, kw, cells}).expand({kh, kw, cells})},
+                                   2);                  // (kh, kw, 2, cells)
+  const at::Tensor d = pos.unsqueeze(-1).add(gap);       // (N, G, kh, kw, 2, cells): y - i
+  const at::Tensor w = at::rsub(d.abs(), 1).clamp_min_(0);  // 1 - |y - i|, at least 0
+  Tents t;  // each axis keeps its own cells: those past its scope are cut off
+  t.wy = w.select(4, 0).narrow(-1, 0, sh);
+  t.wx = w.select(4, 1).narrow(-1, 0, sw);
+  if (slopes) {
+    // Inside the scope on an axis: y > -1 (cell 0) and y < S (cell S - 1).
+    const at::Tensor last = sh == sw ? d.select(-1, cells - 1)
+                                     : at::stack({d.select(4, 0).select(-1, sh - 1),
+                                                  d.select(4, 1).select(-1, sw - 1)}, -1);
+    const at::Tensor inside = d.select(-1, 0).gt(-1).logical_and_(last.lt(1));
+    const at::Tensor near =
+        d.ge(-1).logical_and_(d.lt(1)).logical_and_(inside.unsqueeze(-1));
+    // +1 for the cell above y (y - i in [-1, 0)), -1 for the one at or below it.
+    const at::Tensor slope = d.ge(0).to(pos.scalar_type()).mul_(-2).add_(1).mul_(near);
+    t.dy = slope.select(4, 0).narrow(-1, 0, sh);
+    t.dx = slope.select(4, 1).narrow(-1, 0, sw);
+  }
   return t;
 }
 
