@@ -14,7 +14,8 @@ and reports the ratios to conv2d against the targets (local DK forward
 TF32 is pinned (--tf32 off|on, default off) for cuBLAS and cuDNN alike and
 reported with the results. Diagnostics: --global-forms also times the global
 DK with each of its forms forced (the batched products in either layout, and
-the CPU's size rule), --profile prints the CUDA kernels of one forward of each
+the CPU's size rule) and cuDNN's convolution with per-image weights alone, in
+NCHW and channels-last layout (a candidate building block), --profile prints the CUDA kernels of one forward of each
 op on the first shape. Usage:
     python benchmarks/bench_gpu.py --out gpu-results [--quick] [--dtypes float32,bfloat16]
         [--global-forms] [--profile]
@@ -146,6 +147,24 @@ def forced_global_form(variant):
         _global_kernel.form, _global_gemm.layout = saved
 
 
+def add_per_image_convolutions(leaves, calls, n, groups):
+    """Candidate building blocks for the global DK (--global-forms): cuDNN's
+    convolution with per-image 3x3 weights, the batch folded into the groups,
+    in NCHW and in channels-last layout (tensors converted beforehand: the
+    kernel alone, without the resampling). Timed beside conv2d."""
+    x, w3 = leaves["x"], leaves["w3"]
+    batch_groups = n * groups
+    folded = x.reshape(1, -1, *x.shape[2:])
+    weights = w3.repeat(n, 1, 1, 1)  # (N*C_out, C_in/groups, 3, 3): one kernel per image
+    for layout, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+        leaves[f"folded_{layout}"] = folded.contiguous(memory_format=fmt)
+        leaves[f"weights_{layout}"] = weights.contiguous(memory_format=fmt)
+        calls[f"per_image_conv[{layout}]"] = (
+            lambda t, a=f"folded_{layout}", b=f"weights_{layout}": F.conv2d(
+                t[a], t[b], None, 1, 1, 1, batch_groups).view(n, -1, *t[a].shape[2:]),
+            (f"folded_{layout}", f"weights_{layout}"))
+
+
 def with_global_form(fn, variant):
     def call(tensors):
         with forced_global_form(variant):
@@ -191,6 +210,7 @@ def bench_shape(shape, dtype, args, log, profile=False):
     leaves, grad, calls = make_ops(n, c, o, hw, dtype, groups)
     queued = args.timing == "queued"
     if args.global_forms:
+        add_per_image_convolutions(leaves, calls, n, groups)
         base, used = calls["global_dk"]
         for variant in GLOBAL_FORMS:
             calls[f"global_dk[{variant}]"] = (with_global_form(base, variant), used)
