@@ -15,8 +15,9 @@ TF32 is pinned (--tf32 off|on, default off) for cuBLAS and cuDNN alike and
 reported with the results. Diagnostics: --global-forms also times the global
 DK with each of its forms forced (the batched products in either layout, and
 the CPU's size rule) and cuDNN's convolution with per-image weights alone, in
-NCHW and channels-last layout (a candidate building block), --profile prints the CUDA kernels of one forward of each
-op on the first shape. Usage:
+NCHW and channels-last layout (a candidate building block); --profile prints
+the CUDA kernels of one forward of each op on the first shape of each dtype.
+Usage:
     python benchmarks/bench_gpu.py --out gpu-results [--quick] [--dtypes float32,bfloat16]
         [--global-forms] [--profile]
 """
