@@ -33,22 +33,32 @@ def assert_resample_kernel_matches_oracle(w, off, kernel_size, offset_groups, gr
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_global_kernel_small_map_sums_taps_in_float32_for_half_types():
-    # Tap sums +1000, then seven taps of ~0.1, then -1000: half-precision running
-    # sums would lose the 0.7 (1000 + 0.1 rounds back to 1000 in bfloat16).
-    taps = torch.tensor([1000.0] + [0.1] * 7 + [-1000.0], dtype=torch.bfloat16)
-    weight = taps.view(1, 1, 3, 3)
+# One output of nine taps: +1000, then seven of ~0.1, then -1000. Half-precision
+# running sums would lose the 0.7 (1000 + 0.1 rounds back to 1000 in bfloat16).
+HALF_TAP_SUM_GEOMETRY = _args.Geometry((3, 3), (1, 1), (0, 0), (1, 1), 1, 1, 1, (1, 1))
+
+
+def assert_half_type_tap_sums_kept_in_float32():
+    """_global_kernel's forward and backward, in whichever form is in force, on
+    the nine-tap case above, in bfloat16."""
+    weight = torch.tensor([1000.0] + [0.1] * 7 + [-1000.0], dtype=torch.bfloat16).view(
+        1, 1, 3, 3)
     x = torch.ones(1, 1, 3, 3, dtype=torch.bfloat16)
     offset = torch.zeros(1, 18, dtype=torch.bfloat16)
-    geom = _args.Geometry((3, 3), (1, 1), (0, 0), (1, 1), 1, 1, 1, (1, 1))
-    assert _global_kernel._kernels_outweigh_image(1, geom)  # the tap-by-tap form
+    geom = HALF_TAP_SUM_GEOMETRY
     out = _global_kernel.forward(x, weight, offset, None, geom)
     assert out.dtype == torch.bfloat16
     assert abs(out.item() - 0.7) < 0.01
     grads = _global_kernel.backward(torch.ones_like(out), x, weight, offset, geom,
                                     [True, True, True], contextlib.nullcontext)
     assert [g.dtype for g in grads] == [torch.bfloat16] * 3
-    torch.testing.assert_close(grads[1], x.view(1, 1, 3, 3))  # d out / d weight = input
+    torch.testing.assert_close(grads[0], weight)  # d out / d input = kernel
+    torch.testing.assert_close(grads[1], x)  # d out / d weight = input
+
+
+def test_global_kernel_small_map_sums_taps_in_float32_for_half_types():
+    assert _global_kernel._kernels_outweigh_image(1, HALF_TAP_SUM_GEOMETRY)  # tap-by-tap form
+    assert_half_type_tap_sums_kept_in_float32()
 
 
 @pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 2), (2, 4), (3, 1)])
@@ -191,21 +201,8 @@ def _geometry_of(x, w, kwargs) -> _args.Geometry:
 
 @pytest.mark.parametrize("layout", ["one_product", "tap_sums"])
 def test_gemm_form_keeps_half_type_sums_in_float32(gemm_form, monkeypatch, layout):
-    # As the tap-by-tap test above: +1000, seven taps of ~0.1, -1000 must leave 0.7.
-    weight = torch.tensor([1000.0] + [0.1] * 7 + [-1000.0], dtype=torch.bfloat16).view(
-        1, 1, 3, 3)
-    x = torch.ones(1, 1, 3, 3, dtype=torch.bfloat16)
-    offset = torch.zeros(1, 18, dtype=torch.bfloat16)
-    geom = _args.Geometry((3, 3), (1, 1), (0, 0), (1, 1), 1, 1, 1, (1, 1))
     monkeypatch.setattr(_global_gemm, "layout", lambda input, weight, geom: layout)
-    out = _global_kernel.forward(x, weight, offset, None, geom)
-    assert out.dtype == torch.bfloat16
-    assert abs(out.item() - 0.7) < 0.01
-    grads = _global_kernel.backward(torch.ones_like(out), x, weight, offset, geom,
-                                    [True, True, True], contextlib.nullcontext)
-    assert [g.dtype for g in grads] == [torch.bfloat16] * 3
-    torch.testing.assert_close(grads[0], weight.view(1, 1, 3, 3))  # d out / d input = kernel
-    torch.testing.assert_close(grads[1], x.view(1, 1, 3, 3))  # d out / d weight = input
+    assert_half_type_tap_sums_kept_in_float32()
 
 
 def test_global_dk_form_on_cpu_follows_the_sizes():
