@@ -173,33 +173,35 @@ def with_global_form(fn, variant):
     return call
 
 
+def profiled(fn, with_host: bool):
+    """The profiler's record of one call of fn (CUDA kernels, and host-side
+    operations when with_host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if with_host else [])
+    with profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof
+
+
 def device_ms(fn) -> float:
     """Milliseconds the device spends in the kernels of one call (profiler
     totals): against the timed wall-clock, it shows how host-bound a call is."""
-    from torch.profiler import ProfilerActivity, profile
-
     try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+        return sum(e.self_device_time_total for e in profiled(fn, False).key_averages()) / 1e3
     except Exception:  # a profiler problem must not cost the timings: NaN in the table
         return float("nan")
 
 
 def profile_forwards(leaves, calls, log):
     """The CUDA kernels of one forward of each op (after a warm-up call)."""
-    from torch.profiler import ProfilerActivity, profile
-
     for op_name, (fn, _) in calls.items():
         log(f"--- profile: {op_name}")
         try:
             with torch.no_grad():
                 fn(leaves)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    fn(leaves)
-                    torch.cuda.synchronize()
+                prof = profiled(lambda: fn(leaves), True)
         except Exception as exc:  # e.g. an op without this dtype: keep the benchmark going
             log(f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
             continue

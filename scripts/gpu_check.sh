@@ -162,20 +162,17 @@ if [[ -z "${SKIP_BENCH:-}" && $build_rc -eq 0 ]]; then
   fi
   if [[ -z "${SKIP_DIAGNOSTICS:-}" ]]; then
     scratch="$(mktemp -d)"
-    for setting in "--timing synced" "chunk1024"; do
-      echo "=== diagnostic: $setting" >>"$out/bench.log"
-      if [[ "$setting" == chunk1024 ]]; then
-        # shellcheck disable=SC2086
-        ERFTOOL_CHUNK_MB=1024 with_timeout 120 "$python" benchmarks/bench_gpu.py $quick \
-          --dtypes float32 --out "$scratch" >/dev/null 2>&1
-      else
-        # shellcheck disable=SC2086
-        with_timeout 120 "$python" benchmarks/bench_gpu.py $quick $setting --dtypes float32 \
-          --out "$scratch" >/dev/null 2>&1
-      fi
+    diagnostic() {  # diagnostic LABEL COMMAND...: its float32 table appended to bench.log
+      echo "=== diagnostic: $1" >>"$out/bench.log"
+      shift
+      with_timeout 120 "$@" --dtypes float32 --out "$scratch" >/dev/null 2>&1
       cat "$scratch/bench_gpu.md" >>"$out/bench.log" 2>/dev/null
       rm -f "$scratch/bench_gpu.md" "$scratch/bench_gpu.json"
-    done
+    }
+    # shellcheck disable=SC2086
+    diagnostic "--timing synced" "$python" benchmarks/bench_gpu.py $quick --timing synced
+    # shellcheck disable=SC2086
+    diagnostic chunk1024 env ERFTOOL_CHUNK_MB=1024 "$python" benchmarks/bench_gpu.py $quick
     rmdir "$scratch"
     note "diagnostics (synced timing, 1 GB chunks): appended to bench.log"
   fi

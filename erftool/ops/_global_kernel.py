@@ -383,14 +383,15 @@ def backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Tensor,
     corner-weight step only)."""
     need_input, need_weight, need_offset = (bool(x) for x in needs[:3])
     wanted = [need_input, need_weight, need_offset]
-    if form(input, weight, geom) == "gemm":
+    chosen = form(input, weight, geom)
+    if chosen == "gemm":
         return _global_gemm.backward(grad_output, input, weight, offset, geom, wanted)
     with autograd_enabled():
         offset_leaf = offset.detach().requires_grad_(need_offset)
         corners = _corners(offset_leaf, geom.kernel_size, tuple(weight.shape[2:]),
                            geom.offset_groups)
     rows = _row_groups(weight, geom.groups, geom.offset_groups)
-    if form(input, weight, geom) == "tapwise":
+    if chosen == "tapwise":
         acc = _accumulation_dtype(input.dtype)
         grads = _tapwise_backward(grad_output.to(acc), input.to(acc), weight.to(acc),
                                   corners.detach_to(acc), rows, geom, wanted)
