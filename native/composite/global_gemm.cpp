@@ -108,37 +108,36 @@ at::Tensor per_image_kernels(const at::Tensor& weight, const at::Tensor& coef,
 }
 
 struct Geometry {
-  int64_t kh, kw, sh, sw, ph, pw, dh, dw, groups, ho, wo;
+  int64_t kh, kw, scope_h, scope_w, stride_h, stride_w, ph, pw, dh, dw, groups, ho, wo;
 };
 
 Geometry geometry(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef kernel_size,
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                   int64_t groups) {
-  Geometry g{kernel_size[0], kernel_size[1], weight.size(2), weight.size(3), padding[0],
-             padding[1], dilation[0], dilation[1], groups, 0, 0};
-  g.ho = (input.size(2) + 2 * g.ph - g.dh * (g.kh - 1) - 1) / stride[0] + 1;
-  g.wo = (input.size(3) + 2 * g.pw - g.dw * (g.kw - 1) - 1) / stride[1] + 1;
+  Geometry g{kernel_size[0], kernel_size[1], weight.size(2), weight.size(3), stride[0],
+             stride[1], padding[0], padding[1], dilation[0], dilation[1], groups, 0, 0};
+  g.ho = (input.size(2) + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.stride_h + 1;
+  g.wo = (input.size(3) + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.stride_w + 1;
   return g;
 }
 
 // Every tap's window of the padded input, tap-major, in one strided copy:
 // (n, K, groups, C/groups, L).
-at::Tensor tap_major_columns(const at::Tensor& input, const Geometry& g, int64_t stride_h,
-                             int64_t stride_w) {
+at::Tensor tap_major_columns(const at::Tensor& input, const Geometry& g) {
   const at::Tensor xp = at::constant_pad_nd(input, {g.pw, g.pw, g.ph, g.ph}).contiguous();
   const int64_t n = xp.size(0), c = xp.size(1), cg = c / g.groups;
   const auto s = xp.strides();
   return xp.as_strided({n, g.kh, g.kw, g.groups, cg, g.ho, g.wo},
-                       {s[0], g.dh * s[2], g.dw * s[3], cg * s[1], s[1], stride_h * s[2],
-                        stride_w * s[3]},
+                       {s[0], g.dh * s[2], g.dw * s[3], cg * s[1], s[1], g.stride_h * s[2],
+                        g.stride_w * s[3]},
                        xp.storage_offset())
       .reshape({n, g.kh * g.kw, g.groups, cg, -1});
 }
 
 // im2col's columns (n, C*K, L), channel-major and tap-minor, as
 // (n*groups, C/groups*K, L) matrices.
-at::Tensor im2col_columns(const at::Tensor& input, const Geometry& g, at::IntArrayRef stride) {
-  return at::im2col(input, {g.kh, g.kw}, {g.dh, g.dw}, {g.ph, g.pw}, stride)
+at::Tensor im2col_columns(const at::Tensor& input, const Geometry& g) {
+  return at::im2col(input, {g.kh, g.kw}, {g.dh, g.dw}, {g.ph, g.pw}, {g.stride_h, g.stride_w})
       .view({input.size(0) * g.groups, -1, g.ho * g.wo});
 }
 
@@ -164,7 +163,7 @@ at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight
   const Geometry g = geometry(input, weight, kernel_size, stride, padding, dilation, groups);
   const int64_t taps = g.kh * g.kw, positions = g.ho * g.wo, og = o / groups;
   const at::Tensor coef =
-      coefficients(scope_tents(offset, g.kh, g.kw, g.sh, g.sw, offset_groups, false));
+      coefficients(scope_tents(offset, g.kh, g.kw, g.scope_h, g.scope_w, offset_groups, false));
   at::Tensor out = at::empty({n, o, g.ho, g.wo}, input.options());
   for (int64_t first = 0; first < n; first += images_per_chunk) {
     const int64_t m = std::min(images_per_chunk, n - first);
@@ -174,7 +173,7 @@ at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight
     const at::Tensor kernels =
         per_image_kernels(weight, chunk_coef, row_groups, input.scalar_type());
     if (layout == "tap_sums") {
-      const at::Tensor cols = tap_major_columns(images, g, stride[0], stride[1]);
+      const at::Tensor cols = tap_major_columns(images, g);
       const at::Tensor parts = at::bmm(kernels.view({m * taps * groups, og, -1}),
                                        cols.view({m * taps * groups, -1, positions}));
       part.copy_(parts.view({m, taps, o, g.ho, g.wo})
@@ -182,7 +181,7 @@ at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight
     } else {  // one_product: one product per image and group over C_in/groups * K
       at::Tensor target = part.view({m * groups, og, positions});
       at::bmm_out(target, channel_major(kernels, g, og, weight.size(1)),
-                  im2col_columns(images, g, stride));
+                  im2col_columns(images, g));
     }
   }
   return out;
@@ -206,9 +205,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
   const int64_t n = input.size(0), c = input.size(1), o = weight.size(0);
   const Geometry g = geometry(input, weight, kernel_size, stride, padding, dilation, groups);
   const int64_t taps = g.kh * g.kw, positions = g.ho * g.wo, og = o / groups, cg = c / groups;
-  const int64_t cells = g.sh * g.sw, rows = o * weight.size(1);
+  const int64_t cells = g.scope_h * g.scope_w, rows = o * weight.size(1);
   const auto acc = accumulation_dtype(input.scalar_type());
-  const Tents tents = scope_tents(offset, g.kh, g.kw, g.sh, g.sw, offset_groups, need_offset);
+  const Tents tents =
+      scope_tents(offset, g.kh, g.kw, g.scope_h, g.scope_w, offset_groups, need_offset);
   const at::Tensor coef = coefficients(tents);  // (N, G, K, S), acc
   const at::Tensor scope = weight.to(acc).reshape({rows, cells});
   // The scope weight seen by each offset group: row m only by its own group.
@@ -233,10 +233,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
                                            grads);
       grad_input.narrow(0, first, m).copy_(at::col2im(
           grad_cols.view({m, c * taps, positions}), {input.size(2), input.size(3)},
-          {g.kh, g.kw}, {g.dh, g.dw}, {g.ph, g.pw}, stride));
+          {g.kh, g.kw}, {g.dh, g.dw}, {g.ph, g.pw}, {g.stride_h, g.stride_w}));
     }
     if (need_weight || need_offset) {  // needs the columns, not the kernels
-      const at::Tensor cols = im2col_columns(input.narrow(0, first, m), g, stride);
+      const at::Tensor cols = im2col_columns(input.narrow(0, first, m), g);
       const at::Tensor grad_kernels = at::bmm(grads, cols.transpose(1, 2))
                                           .view({m, groups, og, cg, taps})
                                           .permute({0, 4, 1, 2, 3})
