@@ -15,11 +15,14 @@ TF32 is pinned (--tf32 off|on, default off) for cuBLAS and cuDNN alike and
 reported with the results. Diagnostics: --global-forms also times the global
 DK with each of its forms forced (the batched products in either layout, and
 the CPU's size rule) and cuDNN's convolution with per-image weights alone, in
-NCHW and channels-last layout (a candidate building block); --profile prints
-the CUDA kernels of one forward of each op on the first shape of each dtype.
+NCHW and channels-last layout (a candidate building block); --column-paths
+also times the ops that build columns with the column build's shared-memory
+path forced (ERFTOOL_CUDA_COLUMN_BUILD=shared: the register and identity
+paths' baseline); --profile prints the CUDA kernels of one forward of each op
+on the first shape of each dtype.
 Usage:
     python benchmarks/bench_gpu.py --out gpu-results [--quick] [--dtypes float32,bfloat16]
-        [--global-forms] [--profile]
+        [--global-forms] [--column-paths] [--profile]
 """
 from __future__ import annotations
 
@@ -173,6 +176,25 @@ def with_global_form(fn, variant):
     return call
 
 
+COLUMN_OPS = ("local_dk", "dc", "dk_dc")
+
+
+def with_shared_column_build(fn):
+    """fn with the CUDA column build's shared-memory path forced (the launcher
+    reads ERFTOOL_CUDA_COLUMN_BUILD at every launch)."""
+    def call(tensors):
+        saved = os.environ.get("ERFTOOL_CUDA_COLUMN_BUILD")
+        os.environ["ERFTOOL_CUDA_COLUMN_BUILD"] = "shared"
+        try:
+            return fn(tensors)
+        finally:
+            if saved is None:
+                del os.environ["ERFTOOL_CUDA_COLUMN_BUILD"]
+            else:
+                os.environ["ERFTOOL_CUDA_COLUMN_BUILD"] = saved
+    return call
+
+
 def profiled(fn, with_host: bool):
     """The profiler's record of one call of fn (CUDA kernels, and host-side
     operations when with_host)."""
@@ -217,6 +239,10 @@ def bench_shape(shape, dtype, args, log, profile=False):
         base, used = calls["global_dk"]
         for variant in GLOBAL_FORMS:
             calls[f"global_dk[{variant}]"] = (with_global_form(base, variant), used)
+    if args.column_paths:
+        for op_name in COLUMN_OPS:
+            fn, used = calls[op_name]
+            calls[f"{op_name}[shared_columns]"] = (with_shared_column_build(fn), used)
     if profile:
         profile_forwards(leaves, calls, log)
     row = {"shape": name, "N": n, "C_in": c, "C_out": o, "H": hw, "W": hw, "groups": groups,
@@ -328,6 +354,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--global-forms", action="store_true",
                         help="also time the global DK with each form forced")
+    parser.add_argument("--column-paths", action="store_true",
+                        help="also time the column-building ops with the shared-memory path forced")
     parser.add_argument("--profile", action="store_true",
                         help="print the CUDA kernels of each forward (first shape of each dtype)")
     args = parser.parse_args(argv)

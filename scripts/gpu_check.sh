@@ -5,7 +5,7 @@
 #   2. builds the native extension with its CUDA kernels (erftool/ops/_native.py);
 #   3. runs tests/test_ops_cuda.py (CUDA vs reference / CPU, half types, gradcheck);
 #   4. runs benchmarks/bench_gpu.py (local DK, global DK, DC, DK+DC vs cuDNN conv2d;
-#      with --global-forms and --profile), then two float32 diagnostics appended
+#      with --global-forms, --column-paths and --profile), then two float32 diagnostics appended
 #      to bench.log: --timing synced, and ERFTOOL_CHUNK_MB=1024 (one column chunk).
 # Everything is written under $OUT (default ./gpu-results), at most 8 files:
 #   summary.txt env.txt compile.log build.log tests.log bench.log bench_gpu.json bench_gpu.md
@@ -151,7 +151,7 @@ if [[ -z "${SKIP_BENCH:-}" && $build_rc -eq 0 ]]; then
   t0=$(date +%s)
   # shellcheck disable=SC2086
   with_timeout "${BENCH_TIMEOUT:-300}" "$python" benchmarks/bench_gpu.py --out "$out" $quick \
-    --global-forms --profile ${BENCH_ARGS:-} >"$out/bench.log" 2>&1
+    --global-forms --column-paths --profile ${BENCH_ARGS:-} >"$out/bench.log" 2>&1
   bench_rc=$?
   note "bench: $(( $(date +%s) - t0 )) s (rc=$bench_rc)"
   if [[ -f "$out/bench_gpu.md" ]]; then

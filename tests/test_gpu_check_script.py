@@ -52,7 +52,7 @@ def test_gpu_check_runs_every_step_within_eight_files(tmp_path, stand_in):
                  "diagnostics (synced timing, 1 GB chunks)", "status: PASS"):
         assert line in summary, summary
     main = (out / "bench_gpu.md").read_text()
-    assert "--global-forms --profile" in main and "chunk=default" in main
+    assert "--global-forms --column-paths --profile" in main and "chunk=default" in main
     log = (out / "bench.log").read_text()
     synced = log.index("=== diagnostic: --timing synced")
     chunked = log.index("=== diagnostic: chunk1024")

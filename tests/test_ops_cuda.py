@@ -503,6 +503,21 @@ def test_nan_offsets_do_not_read_out_of_bounds():
     assert out.shape == (case.N, case.C_out, *case.out_size)
 
 
+@requires_cuda
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("local_dk", "dc_v2", "dk_dc")],
+                         ids=lambda c: c.name)
+def test_column_build_paths_agree(case, monkeypatch):
+    """The register (scope <= 4 x 4) and identity (DCN) paths of the column
+    build against its shared-memory path, float32, forward and backward."""
+    x, w, ko, do, m = make_inputs(case, dtype=torch.float32)
+    go = torch.randn(case.N, case.C_out, *case.out_size, device="cuda")
+    default = [native_forward(case, x, w, ko, do, m), *native_backward(case, go, x, w, ko, do, m)]
+    monkeypatch.setenv("ERFTOOL_CUDA_COLUMN_BUILD", "shared")
+    shared = [native_forward(case, x, w, ko, do, m), *native_backward(case, go, x, w, ko, do, m)]
+    for name, got, exp in zip(("output",) + GRAD_NAMES, default, shared):
+        assert_close_or_none(got, exp, name, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ CPU emulation
 # The CUDA kernels compiled as host C++ (native/cuda/emulate): their indexing,
 # block reductions and barriers checked against the reference on machines
@@ -522,12 +537,25 @@ def _emulation():
     return module
 
 
-EMULATED = ["local_dk", "centred_dk_rigid", "dk_groups_strided", "dk_scope_slabs",
-            "dk_mask_rigid", "dc_v2", "dk_dc", "dk_dc_coprime_groups", "many_channels"]
+# The column build's three paths (deform_kernels.cu): identity (dc_*), registers
+# (scopes up to 4 x 4: local_dk, one_by_one, dk_large_offsets, dk_dc, ...),
+# shared memory (dk_groups_strided, dk_scope_slabs, dk_odd_scope).
+EMULATED = ["local_dk", "centred_dk_rigid", "dk_groups_strided", "dk_large_offsets",
+            "dk_scope_slabs", "dk_odd_scope", "dk_mask_rigid", "dc_v1", "dc_v2", "dk_dc",
+            "dk_dc_coprime_groups", "one_by_one", "many_channels"]
+# Rerun with the shared-memory path forced (ERFTOOL_CUDA_COLUMN_BUILD=shared).
+EMULATED_SHARED = ["local_dk", "dk_large_offsets", "dc_v2", "dk_dc"]
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in EMULATED], ids=lambda c: c.name)
-def test_kernels_under_cpu_emulation(case, monkeypatch):
+EMULATION_RUNS = [(c, "default") for c in CASES if c.name in EMULATED] + [
+    (c, "shared") for c in CASES if c.name in EMULATED_SHARED]
+
+
+@pytest.mark.parametrize("case, column_build", EMULATION_RUNS,
+                         ids=[f"{c.name}-{build}" for c, build in EMULATION_RUNS])
+def test_kernels_under_cpu_emulation(case, column_build, monkeypatch):
+    if column_build == "shared":
+        monkeypatch.setenv("ERFTOOL_CUDA_COLUMN_BUILD", "shared")
     emulate = _emulation()
     x, w, ko, do, m = make_inputs(case, device="cpu")
     gen = torch.Generator().manual_seed(6)

@@ -28,6 +28,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 namespace erftool {
@@ -124,12 +126,12 @@ __device__ __forceinline__ A frac_part(A v) {
   return v - floor(v);
 }
 
-// Kernel-side stencil of tap k (= a*kw + b) at column `pos` of image n.
+// Scope coordinates (u, v) that tap k (= a*kw + b) samples at column `pos` of image n.
 template <typename scalar_t>
-__device__ __forceinline__ void kernel_side(const DeformShape& sh, const scalar_t* kernel_offset,
-                                            int64_t n, int64_t kg, int64_t k, int64_t P,
-                                            int64_t pos, acc_t<scalar_t>* ly, acc_t<scalar_t>* lx,
-                                            int64_t* idx) {
+__device__ __forceinline__ void scope_position(const DeformShape& sh,
+                                               const scalar_t* kernel_offset, int64_t n,
+                                               int64_t kg, int64_t k, int64_t P, int64_t pos,
+                                               acc_t<scalar_t>* u, acc_t<scalar_t>* v) {
   using A = acc_t<scalar_t>;
   const int64_t K = int64_t(sh.kh) * sh.kw;
   const int64_t a = k / sh.kw, b = k % sh.kw;
@@ -139,8 +141,19 @@ __device__ __forceinline__ void kernel_side(const DeformShape& sh, const scalar_
     du = to_acc(o[0]);
     dv = to_acc(o[P]);
   }
-  const A u = math::scope_coordinate<A>(a, sh.kh, sh.scope_h, du);
-  const A v = math::scope_coordinate<A>(b, sh.kw, sh.scope_w, dv);
+  *u = math::scope_coordinate<A>(a, sh.kh, sh.scope_h, du);
+  *v = math::scope_coordinate<A>(b, sh.kw, sh.scope_w, dv);
+}
+
+// Kernel-side stencil of tap k at column `pos` of image n.
+template <typename scalar_t>
+__device__ __forceinline__ void kernel_side(const DeformShape& sh, const scalar_t* kernel_offset,
+                                            int64_t n, int64_t kg, int64_t k, int64_t P,
+                                            int64_t pos, acc_t<scalar_t>* ly, acc_t<scalar_t>* lx,
+                                            int64_t* idx) {
+  using A = acc_t<scalar_t>;
+  A u, v;
+  scope_position(sh, kernel_offset, n, kg, k, P, pos, &u, &v);
   const math::BilinearCorners<A> c = math::bilinear_corners<A>(u, v, sh.scope_h, sh.scope_w);
   bool any = false;
 #pragma unroll
@@ -239,9 +252,48 @@ __device__ __forceinline__ acc_t<scalar_t> tap_value(const scalar_t* plane,
 }
 
 // ---------------------------------------------------------------------------
-// (a) Column build.
+// (a) Column build. Three ways to accumulate a channel's S2 scope cells:
+//   * kIdentity: a rigid scope (no kernel offsets, S = K, i.e. DCN): tap k is
+//     cell k with weight 1, written straight out;
+//   * kRegisters: scopes up to kRegScope x kRegScope: the cells live in
+//     registers, and every tap adds the outer product of its dense row and
+//     column weights (16 FMAs at scope 4: no dynamic indexing, no shared
+//     memory traffic beyond one read of the tap's weights);
+//   * kShared: any scope: the cells live in shared memory, in slabs, and each
+//     tap adds into its (up to four) cells.
 
-template <typename scalar_t, bool kDeform>
+enum class ColumnPath { kIdentity, kRegisters, kShared };
+
+constexpr int kRegScope = 4;
+
+// The register path's dense scope weights of one (position, tap).
+template <typename A>
+struct ScopeRows {
+  A row[kRegScope];
+  A col[kRegScope];
+};
+
+template <typename scalar_t>
+__device__ void fill_scope_rows(const DeformShape& sh, int64_t tile0, int64_t cols, int64_t kg,
+                                const scalar_t* kernel_offset,
+                                ScopeRows<acc_t<scalar_t>>* rows) {
+  using A = acc_t<scalar_t>;
+  const int K = sh.kh * sh.kw;
+  const int64_t P = sh.Ho * sh.Wo;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int e = tid; e < kTileP * K; e += blockDim.x * blockDim.y) {
+    const int64_t col = tile0 + e / K;
+    // Beyond the last column: an axis sample outside the scope, all weights 0.
+    A u = A(-1), v = A(-1);
+    if (col < cols) scope_position(sh, kernel_offset, col / P, kg, int64_t(e % K), P, col % P, &u, &v);
+    ScopeRows<A> r;
+    math::axis_weights<kRegScope>(math::axis_sample(u, int64_t(sh.scope_h)), sh.scope_h, r.row);
+    math::axis_weights<kRegScope>(math::axis_sample(v, int64_t(sh.scope_w)), sh.scope_w, r.col);
+    rows[e] = r;
+  }
+}
+
+template <typename scalar_t, bool kDeform, ColumnPath kPath>
 __global__ void __launch_bounds__(kThreads)
     build_columns_kernel(DeformShape sh, int64_t cols, int64_t Cs, int splits, int slab,
                          int coef_bytes, const scalar_t* __restrict__ input,
@@ -251,6 +303,8 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   TapCoef<A>* coef = reinterpret_cast<TapCoef<A>*>(smem);
+  // After the coefficients: kRegisters' scope rows, or kShared's accumulators.
+  ScopeRows<A>* rows = reinterpret_cast<ScopeRows<A>*>(smem + coef_bytes);
   A* acc = reinterpret_cast<A*>(smem + coef_bytes);
 
   const int K = sh.kh * sh.kw;
@@ -267,6 +321,8 @@ __global__ void __launch_bounds__(kThreads)
 
   fill_coefficients<scalar_t, kDeform>(sh, tile0, cols, kg, dg, kernel_offset, data_offset, mask,
                                        coef);
+  if constexpr (kPath == ColumnPath::kRegisters)
+    fill_scope_rows(sh, tile0, cols, kg, kernel_offset, rows);
   __syncthreads();
 
   const int p = threadIdx.x;
@@ -275,27 +331,56 @@ __global__ void __launch_bounds__(kThreads)
   if (col >= cols) return;  // no barrier below
   const int64_t n = col / P;
   const TapCoef<A>* my = coef + p * K;
-  A* my_acc = acc + tid;
 
   for (int64_t c = cb + threadIdx.y; c < ce; c += kLanes) {
     const scalar_t* plane = input + (n * sh.C + c) * HW;
     scalar_t* out = columns + (c * S2) * cols + col;
-    for (int64_t s0 = 0; s0 < S2; s0 += slab) {
-      const int ns = static_cast<int>(min(int64_t(slab), S2 - s0));
-      for (int s = 0; s < ns; ++s) my_acc[s * kThreads] = A(0);
+    if constexpr (kPath == ColumnPath::kIdentity) {
       for (int k = 0; k < K; ++k) {
         const TapCoef<A> t = my[k];
-        if (t.kidx[0] < 0 && t.kidx[1] < 0 && t.kidx[2] < 0 && t.kidx[3] < 0) continue;
+        out[k * cols] = from_acc<scalar_t>(
+            t.m * tap_value<scalar_t, kDeform, false>(plane, t, nullptr, nullptr));
+      }
+    } else if constexpr (kPath == ColumnPath::kRegisters) {
+      const ScopeRows<A>* my_rows = rows + p * K;
+      A cell[kRegScope][kRegScope] = {};
+      for (int k = 0; k < K; ++k) {
+        const TapCoef<A> t = my[k];
+        const ScopeRows<A> r = my_rows[k];
         const A x = t.m * tap_value<scalar_t, kDeform, false>(plane, t, nullptr, nullptr);
-        A w[4];
-        stencil(t.kly, t.klx, w);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int64_t si = int64_t(t.kidx[i]) - s0;
-          if (si >= 0 && si < ns) my_acc[si * kThreads] += w[i] * x;
+        for (int i = 0; i < kRegScope; ++i) {
+          const A xr = x * r.row[i];
+#pragma unroll
+          for (int j = 0; j < kRegScope; ++j) cell[i][j] += xr * r.col[j];
         }
       }
-      for (int s = 0; s < ns; ++s) out[(s0 + s) * cols] = from_acc<scalar_t>(my_acc[s * kThreads]);
+#pragma unroll
+      for (int i = 0; i < kRegScope; ++i)
+#pragma unroll
+        for (int j = 0; j < kRegScope; ++j)
+          if (i < sh.scope_h && j < sh.scope_w)
+            out[(i * sh.scope_w + j) * cols] = from_acc<scalar_t>(cell[i][j]);
+    } else {
+      A* my_acc = acc + tid;
+      for (int64_t s0 = 0; s0 < S2; s0 += slab) {
+        const int ns = static_cast<int>(min(int64_t(slab), S2 - s0));
+        for (int s = 0; s < ns; ++s) my_acc[s * kThreads] = A(0);
+        for (int k = 0; k < K; ++k) {
+          const TapCoef<A> t = my[k];
+          if (t.kidx[0] < 0 && t.kidx[1] < 0 && t.kidx[2] < 0 && t.kidx[3] < 0) continue;
+          const A x = t.m * tap_value<scalar_t, kDeform, false>(plane, t, nullptr, nullptr);
+          A w[4];
+          stencil(t.kly, t.klx, w);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int64_t si = int64_t(t.kidx[i]) - s0;
+            if (si >= 0 && si < ns) my_acc[si * kThreads] += w[i] * x;
+          }
+        }
+        for (int s = 0; s < ns; ++s)
+          out[(s0 + s) * cols] = from_acc<scalar_t>(my_acc[s * kThreads]);
+      }
     }
   }
 }
@@ -536,6 +621,51 @@ cudaError_t prepare_smem(Kernel kernel, int64_t bytes) {
                               static_cast<int>(bytes));
 }
 
+// ERFTOOL_CUDA_COLUMN_BUILD=shared forces the shared-memory path of the column
+// build (any scope), so that one benchmark run can time it against the
+// register and identity paths on the same device.
+bool shared_column_path_forced() {
+  const char* v = std::getenv("ERFTOOL_CUDA_COLUMN_BUILD");
+  return v != nullptr && std::strcmp(v, "shared") == 0;
+}
+
+template <typename scalar_t, bool kDeform, ColumnPath kPath>
+cudaError_t launch_columns_path(const DeformShape& sh, int64_t cols, int64_t Cs, dim3 grid,
+                                int64_t splits, int64_t slab, int64_t coef_bytes, int64_t smem,
+                                const scalar_t* input, const scalar_t* kernel_offset,
+                                const scalar_t* data_offset, const scalar_t* mask,
+                                scalar_t* columns, cudaStream_t stream) {
+  auto kernel = build_columns_kernel<scalar_t, kDeform, kPath>;
+  cudaError_t err = prepare_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, dim3(kTileP, kLanes), smem, stream>>>(
+      sh, cols, Cs, static_cast<int>(splits), static_cast<int>(slab),
+      static_cast<int>(coef_bytes), input, kernel_offset, data_offset, mask, columns);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t, bool kDeform>
+cudaError_t launch_columns(ColumnPath path, const DeformShape& sh, int64_t cols, int64_t Cs,
+                           dim3 grid, int64_t splits, int64_t slab, int64_t coef_bytes,
+                           int64_t smem, const scalar_t* input, const scalar_t* kernel_offset,
+                           const scalar_t* data_offset, const scalar_t* mask, scalar_t* columns,
+                           cudaStream_t stream) {
+  switch (path) {
+    case ColumnPath::kIdentity:
+      return launch_columns_path<scalar_t, kDeform, ColumnPath::kIdentity>(
+          sh, cols, Cs, grid, splits, slab, coef_bytes, smem, input, kernel_offset,
+          data_offset, mask, columns, stream);
+    case ColumnPath::kRegisters:
+      return launch_columns_path<scalar_t, kDeform, ColumnPath::kRegisters>(
+          sh, cols, Cs, grid, splits, slab, coef_bytes, smem, input, kernel_offset,
+          data_offset, mask, columns, stream);
+    default:
+      return launch_columns_path<scalar_t, kDeform, ColumnPath::kShared>(
+          sh, cols, Cs, grid, splits, slab, coef_bytes, smem, input, kernel_offset,
+          data_offset, mask, columns, stream);
+  }
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -554,12 +684,25 @@ cudaError_t launch_build_columns(const DeformShape& sh, const scalar_t* input,
   const int64_t U = num_segments(sh.G, sh.DG);
   const int64_t Cs = sh.C / U;
   const int64_t coef_bytes = round_up(kTileP * K * int64_t(sizeof(TapCoef<A>)), 16);
-  // Scope cells accumulated at once: up to 32 KiB of shared accumulators.
-  int64_t slab = std::min<int64_t>(S2, std::max<int64_t>(1, 32768 / (kThreads * sizeof(A))));
   const int64_t avail = info.smem_optin - coef_bytes;
-  if (avail < int64_t(kThreads * sizeof(A))) return cudaErrorInvalidValue;
+  if (avail < 0) return cudaErrorInvalidValue;
+  const int64_t rows_bytes = kTileP * K * int64_t(sizeof(ScopeRows<A>));
+  ColumnPath path = ColumnPath::kShared;
+  if (kernel_offset == nullptr && sh.scope_h == sh.kh && sh.scope_w == sh.kw)
+    path = ColumnPath::kIdentity;
+  else if (sh.scope_h <= kRegScope && sh.scope_w <= kRegScope && rows_bytes <= avail)
+    path = ColumnPath::kRegisters;
+  if (shared_column_path_forced()) path = ColumnPath::kShared;
+
+  // kShared: scope cells accumulated at once, up to 32 KiB of shared accumulators.
+  int64_t slab = std::min<int64_t>(S2, std::max<int64_t>(1, 32768 / (kThreads * sizeof(A))));
   slab = std::min<int64_t>(slab, avail / (kThreads * sizeof(A)));
-  const int64_t smem = coef_bytes + slab * kThreads * int64_t(sizeof(A));
+  int64_t smem = coef_bytes;
+  if (path == ColumnPath::kRegisters) smem += rows_bytes;
+  if (path == ColumnPath::kShared) {
+    if (slab < 1) return cudaErrorInvalidValue;
+    smem += slab * kThreads * int64_t(sizeof(A));
+  }
 
   const int64_t tiles = (cols + kTileP - 1) / kTileP;
   // Split a segment's channels over several blocks only when the grid would
@@ -570,21 +713,13 @@ cudaError_t launch_build_columns(const DeformShape& sh, const scalar_t* input,
   if (tiles > INT_MAX || U * splits > 65535) return cudaErrorInvalidValue;
 
   const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(U * splits));
-  const dim3 block(kTileP, kLanes);
-  if (data_offset != nullptr) {
-    auto kernel = build_columns_kernel<scalar_t, true>;
-    if ((err = prepare_smem(kernel, smem)) != cudaSuccess) return err;
-    kernel<<<grid, block, smem, stream>>>(sh, cols, Cs, static_cast<int>(splits),
-                                          static_cast<int>(slab), static_cast<int>(coef_bytes),
-                                          input, kernel_offset, data_offset, mask, columns);
-  } else {
-    auto kernel = build_columns_kernel<scalar_t, false>;
-    if ((err = prepare_smem(kernel, smem)) != cudaSuccess) return err;
-    kernel<<<grid, block, smem, stream>>>(sh, cols, Cs, static_cast<int>(splits),
-                                          static_cast<int>(slab), static_cast<int>(coef_bytes),
-                                          input, kernel_offset, nullptr, mask, columns);
-  }
-  return cudaGetLastError();
+  if (data_offset != nullptr)
+    return launch_columns<scalar_t, true>(path, sh, cols, Cs, grid, splits, slab, coef_bytes,
+                                          smem, input, kernel_offset, data_offset, mask,
+                                          columns, stream);
+  return launch_columns<scalar_t, false>(path, sh, cols, Cs, grid, splits, slab, coef_bytes,
+                                         smem, input, kernel_offset, nullptr, mask, columns,
+                                         stream);
 }
 
 int64_t fused_backward_segments(const DeformShape& sh) {

@@ -18,6 +18,38 @@
 namespace erftool {
 namespace math {
 
+// One axis of a zero-padded bilinear sample: coordinate u on an S-cell axis
+// reads cell `lo` with weight 1 - frac and cell lo + 1 with weight frac
+// (either may lie outside [0, S) and then counts as zero). `inside` is false,
+// and the whole sample zero, for u <= -1, u >= S or a NaN u.
+template <typename T>
+struct AxisSample {
+  bool inside;
+  int64_t lo;
+  T frac;
+};
+
+template <typename T>
+ERFTOOL_HD AxisSample<T> axis_sample(T u, int64_t S) {
+  // Written so that NaN fails the comparison.
+  if (!(u > T(-1) && u < T(S))) return AxisSample<T>{false, 0, T(0)};
+  const T f = floor(u);
+  return AxisSample<T>{true, static_cast<int64_t>(f), u - f};
+}
+
+// The weights of cells 0 .. N-1 of that axis (N a compile-time bound; cells
+// at or beyond S weigh 0): a dense row whose outer product with the other
+// axis's row holds the bilinear_corners weights (below) of the sample, for
+// kernels that keep a small scope in registers.
+template <int N, typename T>
+ERFTOOL_HD void axis_weights(const AxisSample<T>& a, int64_t S, T* w) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const bool lo = a.inside && i == a.lo, hi = a.inside && i == a.lo + 1;
+    w[i] = i >= S ? T(0) : (lo ? T(1) - a.frac : (hi ? a.frac : T(0)));
+  }
+}
+
 // The four grid corners around a real-valued sample (y, x) on an H x W grid
 // whose cells outside the grid count as zero (DCN's convention, also used for
 // the kernel scope of a Deformable Kernel):
@@ -48,14 +80,11 @@ ERFTOOL_HD BilinearCorners<T> bilinear_corners(T y, T x, int64_t H, int64_t W) {
     c.d_dy[i] = T(0);
     c.d_dx[i] = T(0);
   }
-  // Written so that NaN fails every comparison and lands here.
-  if (!(y > T(-1) && x > T(-1) && y < T(H) && x < T(W))) return c;
+  const AxisSample<T> sy = axis_sample(y, H), sx = axis_sample(x, W);
+  if (!(sy.inside && sx.inside)) return c;
 
-  const T y0f = floor(y);
-  const T x0f = floor(x);
-  const int64_t y0 = static_cast<int64_t>(y0f);
-  const int64_t x0 = static_cast<int64_t>(x0f);
-  const T ly = y - y0f, lx = x - x0f;
+  const int64_t y0 = sy.lo, x0 = sx.lo;
+  const T ly = sy.frac, lx = sx.frac;
   const T hy = T(1) - ly, hx = T(1) - lx;
 
   const int64_t ys[4] = {y0, y0, y0 + 1, y0 + 1};
