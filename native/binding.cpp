@@ -45,15 +45,23 @@ TORCH_LIBRARY(erftool_native, m) {
   m.def(
       "scope_resample_backward(Tensor grad, Tensor weight, Tensor corner_index, "
       "Tensor corner_weight, Tensor(a!) grad_weight, bool need_corner_weight) -> Tensor");
-  // Global Deformable Kernel forward as batched matrix products, any device
-  // (composite/global_gemm.cpp); layout "one_product" or "tap_sums";
-  // row_groups: the offset group of every kernel row (o, c), or None with one
-  // group. Bias is added by the caller.
+  // Global Deformable Kernel: each image's kernels, the scope weight
+  // resampled at the image's offsets (N, 2*G*Kh*Kw); channel-major
+  // (N, C_out, C_in/groups, Kh*Kw) or tap-major (N, Kh*Kw, C_out, C_in/groups)
+  // (math::global_kernel_taps in native/include/erftool/deform_math.h).
   m.def(
-      "global_gemm_forward(Tensor input, Tensor weight, Tensor offset, Tensor? row_groups, "
-      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "int offset_groups, str layout, int images_per_chunk) -> Tensor");
-  // Its gradients (input, weight, offset); undefined where output_mask is false.
+      "global_kernels(Tensor weight, Tensor offset, int[2] kernel_size, int groups, "
+      "int offset_groups, bool tap_major) -> Tensor");
+  // Global Deformable Kernel forward as batched matrix products, any device
+  // (composite/global_gemm.cpp); layout "one_product" or "tap_sums". Bias is
+  // added by the caller.
+  m.def(
+      "global_gemm_forward(Tensor input, Tensor weight, Tensor offset, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, int offset_groups, "
+      "str layout, int images_per_chunk) -> Tensor");
+  // Its gradients (input, weight, offset); undefined where output_mask is
+  // false. row_groups: the offset group of every kernel row (o, c), or None
+  // with one group.
   m.def(
       "global_gemm_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, "
       "Tensor? row_groups, int[2] kernel_size, int[2] stride, int[2] padding, "

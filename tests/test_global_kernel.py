@@ -223,10 +223,10 @@ def test_gemm_form_passes_opcheck(gemm_form, monkeypatch, layout):
     off = torch.randn(3, 2 * 2 * 9, dtype=torch.float64, generator=g, requires_grad=True)
     torch.library.opcheck(torch.ops.erftool.deform_kernel2d.default, (
         x, w, off, None, None, [3, 3], [1, 1], [1, 1], [1, 1], 2, 2, "native"))
-    rows = _global_kernel._row_groups(w, 2, 2)
     torch.library.opcheck(torch.ops.erftool_native.global_gemm_forward.default, (
-        x.detach(), w.detach(), off.detach(), rows, [3, 3], [1, 1], [1, 1], [1, 1], 2, 2, layout,
-        2))
+        x.detach(), w.detach(), off.detach(), [3, 3], [1, 1], [1, 1], [1, 1], 2, 2, layout, 2))
+    torch.library.opcheck(torch.ops.erftool_native.global_kernels.default, (
+        w.detach(), off.detach(), [3, 3], 2, 2, layout == "tap_sums"))
 
 
 @pytest.mark.parametrize("layout", ["one_product", "tap_sums"])
@@ -300,7 +300,7 @@ def test_gemm_native_ops_in_bfloat16_track_float32(layout, groups, offset_groups
     def rel(a, b):
         return float((a.double() - b.double()).norm() / b.double().norm())
 
-    out = [torch.ops.erftool_native.global_gemm_forward(*t, rows, *geometry, layout, 1)
+    out = [torch.ops.erftool_native.global_gemm_forward(*t, *geometry, layout, 1)
            for t in (low, ref)]
     assert out[0].dtype == torch.bfloat16 and rel(*out) < 1e-2
     grad = torch.randn(out[1].shape, generator=g).bfloat16()
@@ -308,3 +308,31 @@ def test_gemm_native_ops_in_bfloat16_track_float32(layout, groups, offset_groups
         gr, *t, rows, *geometry, 1, [True] * 3) for t, gr in ((low, grad), (ref, grad.float()))]
     for a, b in zip(*grads):
         assert a.dtype == torch.bfloat16 and rel(a, b) < 1e-2
+
+
+# (C_out, C_in/groups, groups, offset_groups, kernel, scope)
+KERNEL_CASES = [(6, 4, 2, 2, (3, 3), (4, 4)), (4, 3, 1, 3, (3, 1), (5, 2)),
+                (8, 1, 8, 4, (2, 3), (3, 5)), (5, 6, 1, 1, (3, 3), (3, 3))]
+
+
+@pytest.mark.parametrize("tap_major", [False, True], ids=["channel_major", "tap_major"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"o{c[0]}cg{c[1]}g{c[2]}G{c[3]}")
+def test_native_global_kernels_match_the_oracle(case, tap_major):
+    # erftool_native::global_kernels on CPU runs math::global_kernel_taps, the
+    # per-element arithmetic of its CUDA kernel; non-finite and far offsets
+    # read zero weight.
+    assert _native.load_native() is not None, _native.native_error()
+    o, cg, groups, offset_groups, kernel, scope = case
+    g = torch.Generator().manual_seed(17)
+    w = torch.randn(o, cg, *scope, dtype=torch.float64, generator=g)
+    off = 1.5 * torch.randn(3, 2 * offset_groups * kernel[0] * kernel[1], dtype=torch.float64,
+                            generator=g)
+    off[0, 0], off[1, 3], off[2, 1] = float("nan"), float("inf"), -1e30
+    oracle = reference.resample_kernel(w, off, kernel, offset_groups, groups)  # (N, O, cg, kh, kw)
+    got = torch.ops.erftool_native.global_kernels(w, off, list(kernel), groups, offset_groups,
+                                                  tap_major)
+    expected = oracle.flatten(3)
+    if tap_major:
+        expected = expected.permute(0, 3, 1, 2)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)

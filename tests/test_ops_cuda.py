@@ -575,6 +575,46 @@ def test_kernels_under_cpu_emulation(case, column_build, monkeypatch):
             assert_close_or_none(got, exp, name, rtol=1e-9, atol=1e-9)
 
 
+def test_global_kernels_under_cpu_emulation():
+    """launch_global_kernels (one thread per element) against the CPU op, both
+    layouts, offset groups and non-finite offsets."""
+    import ctypes
+
+    emulate = _emulation()
+    lib = emulate.load()
+    assert _native.load_native() is not None, _native.native_error()
+    g = torch.Generator().manual_seed(21)
+    o, cg, groups, offset_groups, (kh, kw), (sh, sw) = 6, 4, 2, 4, (3, 2), (4, 5)
+    w = torch.randn(o, cg, sh, sw, dtype=torch.float64, generator=g)
+    off = 1.5 * torch.randn(3, 2 * offset_groups * kh * kw, dtype=torch.float64, generator=g)
+    off[0, 0], off[1, 5] = float("nan"), float("-inf")
+    shape = (ctypes.c_long * 9)(3, o, cg, groups, offset_groups, kh, kw, sh, sw)
+    for tap_major in (False, True):
+        expected = torch.ops.erftool_native.global_kernels(w, off, [kh, kw], groups,
+                                                           offset_groups, tap_major)
+        got = torch.full_like(expected, float("nan"))
+        assert lib.kernels_f64(shape, int(tap_major), emulate._ptr(w), emulate._ptr(off),
+                               emulate._ptr(got)) == 0
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["f64", "f32", "bf16"])
+def test_global_kernels_cuda_matches_cpu(dtype):
+    g = torch.Generator().manual_seed(22)
+    w = torch.randn(8, 4, 4, 4, generator=g).to(dtype)
+    off = (1.2 * torch.randn(5, 2 * 2 * 9, generator=g)).to(dtype)
+    off[0, 0] = float("nan")
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2) \
+        if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    for tap_major in (False, True):
+        args = ([3, 3], 2, 2, tap_major)
+        got = torch.ops.erftool_native.global_kernels(w.cuda(), off.cuda(), *args)
+        torch.testing.assert_close(got.cpu(), torch.ops.erftool_native.global_kernels(
+            w, off, *args), **tol)
+
+
 # ------------------------------------------------------------------ torch glue
 # native/cuda/deform_cuda.cpp (the TORCH_LIBRARY_IMPL of the CUDA kernels) is
 # built only where torch has CUDA. The CPU wheel ships torch's c10/cuda and

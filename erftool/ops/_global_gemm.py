@@ -21,15 +21,16 @@ two differed by 5-15 % (host-bound timings). A third layout, per-tap
 products reading the padded input in place (no gathered copy), was slower
 than both at all four shapes and was dropped.
 Both passes are native (native/composite/global_gemm.cpp: ATen operations
-issued from C++, for host time) and draw the scope coefficients densely as
-tents, max(0, 1 - |p - i|) per axis, whose slopes give the offset gradient.
-The backward uses the one-product layout: two batched products per chunk,
-the input gradient summed back from its columns by col2im. (im2col and
-col2im replaced a strided gather and per-tap window additions after the
-H100 calls, and the tents of both axes share their operations: fewer
-operations, not yet timed on a GPU; on CPU the native passes' host time
-for a tiny input went from 149 to 137 us (forward) and 632 to 280 us
-(backward).)
+issued from C++, for host time). Each chunk's kernels come from one native
+kernel per device (erftool_native::global_kernels: a bilinear sample per
+element, in either layout); the weight and offset gradients draw the scope
+coefficients densely as tents, max(0, 1 - |p - i|) per axis, whose slopes
+give the offset gradient. The backward uses the one-product layout: two
+batched products per chunk, the input gradient summed back from its
+columns by col2im. (After the H100 calls: im2col and col2im replaced a
+strided gather and per-tap window additions, and global_kernels about
+fifteen small operations (the tents, their product, a matrix product, a
+re-layout); not yet timed on a GPU.)
 Images go in chunks that keep the columns and kernels under _CHUNK_BYTES.
 """
 from __future__ import annotations
@@ -64,8 +65,7 @@ def _images_per_chunk(input: Tensor, weight: Tensor, geom: _args.Geometry) -> in
 def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor],
             geom: _args.Geometry) -> Tensor:
     out = torch.ops.erftool_native.global_gemm_forward(
-        input.contiguous(), weight.contiguous(), offset.contiguous(),
-        gk._row_groups(weight, geom.groups, geom.offset_groups), list(geom.kernel_size),
+        input.contiguous(), weight.contiguous(), offset.contiguous(), list(geom.kernel_size),
         list(geom.stride), list(geom.padding), list(geom.dilation), geom.groups,
         geom.offset_groups, layout(input, weight, geom), _images_per_chunk(input, weight, geom))
     if bias is not None:

@@ -1,13 +1,16 @@
 // erftool_native::global_gemm_forward / global_gemm_backward: the global
 // Deformable Kernel as batched matrix products, composed of ATen operations
-// so that one implementation serves every device (erftool/ops/_global_gemm.py
-// describes the two layouts and picks one). Both passes live here rather
-// than in Python because on a GPU their small operations, issued from
+// and erftool_native::global_kernels (the per-image kernels, a CPU and a
+// CUDA kernel) so that one implementation serves every device
+// (erftool/ops/_global_gemm.py describes the two layouts and picks one).
+// Both passes live here rather than in Python because on a GPU their small operations, issued from
 // Python, took about twice the host time that the device spent on them: at
 // N 32, C 64, 56 x 56 on an H100 the forward took 1.23 ms from Python and
 // 0.88 ms from here (0.47 ms of kernels).
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <erftool/global_kernels_op.h>
 
 #include <algorithm>
 #include <array>
@@ -89,22 +92,18 @@ at::Tensor offset_gradient(const Tents& t, const at::Tensor& grad_coef) {
   return at::stack({rows, cols}, -1).reshape({t.wy.size(0), -1});
 }
 
-// Per-image kernels (n, K, M) from coef (n, G, K, S), M = C_out * C_in/groups:
-// one product over every offset group's candidates, then each row m keeps
-// its own group's; computed in float32 or float64 (bilinear weights rounded
-// to 8 bits would shift every tap) and stored in the input's dtype.
-at::Tensor per_image_kernels(const at::Tensor& weight, const at::Tensor& coef,
-                             const c10::optional<at::Tensor>& row_groups, at::ScalarType dtype) {
-  const auto acc = accumulation_dtype(dtype);
-  const int64_t n = coef.size(0), g = coef.size(1), k = coef.size(2), cells = coef.size(3);
-  const int64_t m = weight.size(0) * weight.size(1);
-  const at::Tensor every = coef.to(acc).transpose(1, 2).reshape({-1, cells})
-                               .mm(weight.to(acc).reshape({m, cells}).t()).view({-1, g, m});
-  const at::Tensor kernels =
-      row_groups.has_value()
-          ? every.gather(1, row_groups->view({1, 1, -1}).expand({every.size(0), 1, m}))
-          : every.select(1, 0);
-  return kernels.reshape({n, k, m}).to(dtype);
+// Per-image kernels of `offset`'s images (erftool_native::global_kernels:
+// one kernel per device, where the composition of small ATen operations it
+// replaced spent most of this form's host time on a GPU), channel-major
+// (n, C_out, C_in/groups, K) or tap-major (n, K, C_out, C_in/groups).
+at::Tensor per_image_kernels(const at::Tensor& weight, const at::Tensor& offset,
+                             at::IntArrayRef kernel_size, int64_t groups, int64_t offset_groups,
+                             bool tap_major) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("erftool_native::global_kernels", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               at::IntArrayRef, int64_t, int64_t, bool)>();
+  return op.call(weight, offset, kernel_size, groups, offset_groups, tap_major);
 }
 
 struct Geometry {
@@ -141,18 +140,9 @@ at::Tensor im2col_columns(const at::Tensor& input, const Geometry& g) {
       .view({input.size(0) * g.groups, -1, g.ho * g.wo});
 }
 
-// (n, K, M) kernels as (n*groups, C_out/groups, C_in/groups*K) matrices,
-// channel-major and tap-minor like im2col's columns (a copy of the kernels).
-at::Tensor channel_major(const at::Tensor& kernels, const Geometry& g, int64_t og, int64_t cg) {
-  const int64_t n = kernels.size(0), taps = kernels.size(1);
-  return kernels.view({n, taps, g.groups, og, cg}).permute({0, 2, 3, 4, 1})
-      .reshape({n * g.groups, og, cg * taps});
-}
-
 at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight,
-                               const at::Tensor& offset,
-                               const c10::optional<at::Tensor>& row_groups,
-                               at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                               const at::Tensor& offset, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                int64_t offset_groups, c10::string_view layout,
                                int64_t images_per_chunk) {
@@ -162,17 +152,15 @@ at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight
   const int64_t n = input.size(0), o = weight.size(0);
   const Geometry g = geometry(input, weight, kernel_size, stride, padding, dilation, groups);
   const int64_t taps = g.kh * g.kw, positions = g.ho * g.wo, og = o / groups;
-  const at::Tensor coef =
-      coefficients(scope_tents(offset, g.kh, g.kw, g.scope_h, g.scope_w, offset_groups, false));
+  const bool tap_sums = layout == "tap_sums";
   at::Tensor out = at::empty({n, o, g.ho, g.wo}, input.options());
   for (int64_t first = 0; first < n; first += images_per_chunk) {
     const int64_t m = std::min(images_per_chunk, n - first);
     const at::Tensor images = input.narrow(0, first, m);
-    const at::Tensor chunk_coef = coef.narrow(0, first, m);
     at::Tensor part = out.narrow(0, first, m);
-    const at::Tensor kernels =
-        per_image_kernels(weight, chunk_coef, row_groups, input.scalar_type());
-    if (layout == "tap_sums") {
+    const at::Tensor kernels = per_image_kernels(weight, offset.narrow(0, first, m),
+                                                 kernel_size, groups, offset_groups, tap_sums);
+    if (tap_sums) {
       const at::Tensor cols = tap_major_columns(images, g);
       const at::Tensor parts = at::bmm(kernels.view({m * taps * groups, og, -1}),
                                        cols.view({m * taps * groups, -1, positions}));
@@ -180,8 +168,7 @@ at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight
                      .sum(1, false, accumulation_dtype(input.scalar_type())));
     } else {  // one_product: one product per image and group over C_in/groups * K
       at::Tensor target = part.view({m * groups, og, positions});
-      at::bmm_out(target, channel_major(kernels, g, og, weight.size(1)),
-                  im2col_columns(images, g));
+      at::bmm_out(target, kernels.view({m * groups, og, -1}), im2col_columns(images, g));
     }
   }
   return out;
@@ -207,30 +194,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
   const int64_t taps = g.kh * g.kw, positions = g.ho * g.wo, og = o / groups, cg = c / groups;
   const int64_t cells = g.scope_h * g.scope_w, rows = o * weight.size(1);
   const auto acc = accumulation_dtype(input.scalar_type());
-  const Tents tents =
-      scope_tents(offset, g.kh, g.kw, g.scope_h, g.scope_w, offset_groups, need_offset);
-  const at::Tensor coef = coefficients(tents);  // (N, G, K, S), acc
-  const at::Tensor scope = weight.to(acc).reshape({rows, cells});
-  // The scope weight seen by each offset group: row m only by its own group.
-  at::Tensor group_scope = scope;
-  if (row_groups.has_value()) {
-    const at::Tensor member = row_groups->view({rows, 1}).eq(at::arange(offset_groups,
-                                                                        row_groups->options()));
-    group_scope = scope.unsqueeze(1).mul(member.unsqueeze(-1).to(acc)).reshape({rows, -1});
+  // The coefficients (and their slopes) serve the weight and offset gradients
+  // only: an input gradient alone (an ERF) skips them.
+  Tents tents;
+  at::Tensor coef, group_scope;  // (N, G, K, S) and the scope seen by each group, acc
+  if (need_weight || need_offset) {
+    tents = scope_tents(offset, g.kh, g.kw, g.scope_h, g.scope_w, offset_groups, need_offset);
+    coef = coefficients(tents);
+    group_scope = weight.to(acc).reshape({rows, cells});
+    if (row_groups.has_value()) {  // row m is seen by its own group only
+      const at::Tensor member =
+          row_groups->view({rows, 1}).eq(at::arange(offset_groups, row_groups->options()));
+      group_scope =
+          group_scope.unsqueeze(1).mul(member.unsqueeze(-1).to(acc)).reshape({rows, -1});
+    }
   }
   at::Tensor grad_input, grad_scope, grad_coef;
   if (need_input) grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
-  if (need_weight) grad_scope = at::zeros({rows, offset_groups * cells}, scope.options());
+  if (need_weight) grad_scope = at::zeros({rows, offset_groups * cells}, coef.options());
   if (need_offset) grad_coef = at::empty_like(coef);
   for (int64_t first = 0; first < n; first += images_per_chunk) {
     const int64_t m = std::min(images_per_chunk, n - first);
-    const at::Tensor chunk_coef = coef.narrow(0, first, m);
     const at::Tensor grads = grad_output.narrow(0, first, m).reshape({m * groups, og, positions});
     if (need_input) {  // needs the kernels, not the columns; col2im adds the windows back
-      const at::Tensor kernels =
-          per_image_kernels(weight, chunk_coef, row_groups, input.scalar_type());
-      const at::Tensor grad_cols = at::bmm(channel_major(kernels, g, og, cg).transpose(1, 2),
-                                           grads);
+      const at::Tensor kernels = per_image_kernels(weight, offset.narrow(0, first, m),
+                                                   kernel_size, groups, offset_groups, false);
+      const at::Tensor grad_cols =
+          at::bmm(kernels.view({m * groups, og, cg * taps}).transpose(1, 2), grads);
       grad_input.narrow(0, first, m).copy_(at::col2im(
           grad_cols.view({m, c * taps, positions}), {input.size(2), input.size(3)},
           {g.kh, g.kw}, {g.dh, g.dw}, {g.ph, g.pw}, {g.stride_h, g.stride_w}));
@@ -243,7 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
                                           .reshape({m * taps, rows})
                                           .to(acc);
       if (need_weight) {  // sum over (image, tap) of grad_kernel x coefficient, every group
-        grad_scope.addmm_(grad_kernels.t(), chunk_coef.transpose(1, 2).reshape({m * taps, -1}));
+        grad_scope.addmm_(grad_kernels.t(),
+                          coef.narrow(0, first, m).transpose(1, 2).reshape({m * taps, -1}));
       }
       if (need_offset) {
         grad_coef.narrow(0, first, m).copy_(grad_kernels.mm(group_scope)
@@ -264,10 +255,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
   return {grad_input, grad_weight, grad_offset};
 }
 
+// Shape-only kernels, for tracing and fake tensors: the passes above call
+// global_kernels through the dispatcher, which a traced composite cannot.
+at::Tensor global_gemm_forward_meta(const at::Tensor& input, const at::Tensor& weight,
+                                    const at::Tensor&, at::IntArrayRef kernel_size,
+                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups, int64_t,
+                                    c10::string_view, int64_t) {
+  const Geometry g = geometry(input, weight, kernel_size, stride, padding, dilation, groups);
+  return at::empty({input.size(0), weight.size(0), g.ho, g.wo}, input.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward_meta(
+    const at::Tensor&, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& offset, const c10::optional<at::Tensor>&, at::IntArrayRef,
+    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t, int64_t,
+    std::array<bool, 3> output_mask) {
+  auto like = [](const at::Tensor& t, bool needed) {
+    return needed ? at::empty_like(t, at::MemoryFormat::Contiguous) : at::Tensor();
+  };
+  return {like(input, output_mask[0]), like(weight, output_mask[1]),
+          like(offset, output_mask[2])};
+}
+
+// global_kernels' kernels live in native/cpu and native/cuda.
+at::Tensor global_kernels_meta(const at::Tensor& weight, const at::Tensor& offset,
+                               at::IntArrayRef kernel_size, int64_t groups, int64_t offset_groups,
+                               bool tap_major) {
+  return empty_global_kernels(
+      weight, global_kernel_shape(weight, offset, kernel_size, groups, offset_groups), tap_major);
+}
+
 }  // namespace
 }  // namespace erftool
 
 TORCH_LIBRARY_IMPL(erftool_native, CompositeExplicitAutograd, m) {
   m.impl("global_gemm_forward", &erftool::global_gemm_forward);
   m.impl("global_gemm_backward", &erftool::global_gemm_backward);
+}
+
+TORCH_LIBRARY_IMPL(erftool_native, Meta, m) {
+  m.impl("global_gemm_forward", &erftool::global_gemm_forward_meta);
+  m.impl("global_gemm_backward", &erftool::global_gemm_backward_meta);
+  m.impl("global_kernels", &erftool::global_kernels_meta);
 }

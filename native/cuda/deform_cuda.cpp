@@ -10,7 +10,8 @@
 //             offsets / mask grads: fused pass over gcols (block reductions),
 //             grad_input: gather (rigid grid) or fp32/fp64 atomics (data offsets).
 // Kernels: native/cuda/deform_kernels.cu (no torch headers). Everything runs
-// on the current CUDA stream of the input's device.
+// on the current CUDA stream of the input's device. Also global_kernels, the
+// global Deformable Kernel's per-image kernels (one elementwise kernel).
 //
 // Compiled only when torch has CUDA, with -DERFTOOL_WITH_CUDA for the whole
 // extension (native/binding.cpp reports it through has_cuda_kernels()).
@@ -23,6 +24,8 @@
 #include <array>
 #include <optional>
 #include <tuple>
+
+#include <erftool/global_kernels_op.h>
 
 #include "deform_kernels.cuh"
 
@@ -430,9 +433,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_ba
   return std::make_tuple(grad_input, grad_weight, grad_ko, grad_do, grad_mask);
 }
 
+at::Tensor global_kernels_cuda(const at::Tensor& weight, const at::Tensor& offset,
+                               at::IntArrayRef kernel_size, int64_t groups,
+                               int64_t offset_groups, bool tap_major) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const erftool::math::GlobalKernelShape shape =
+      erftool::global_kernel_shape(weight, offset, kernel_size, groups, offset_groups);
+  const at::Tensor w = weight.contiguous(), off = offset.contiguous();
+  at::Tensor out = erftool::empty_global_kernels(weight, shape, tap_major);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "erftool_global_kernels_cuda", [&] {
+        using cu_t = typename CudaType<scalar_t>::type;
+        check_launch(ek::launch_global_kernels<cu_t>(
+                         shape, tap_major, reinterpret_cast<const cu_t*>(w.const_data_ptr()),
+                         reinterpret_cast<const cu_t*>(off.const_data_ptr()),
+                         reinterpret_cast<cu_t*>(out.data_ptr()), stream),
+                     "global_kernels");
+      });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(erftool_native, CUDA, m) {
   m.impl("deform_forward", &deform_forward_cuda);
   m.impl("deform_backward", &deform_backward_cuda);
+  m.impl("global_kernels", &global_kernels_cuda);
 }

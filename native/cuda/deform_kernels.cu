@@ -285,7 +285,8 @@ __device__ void fill_scope_rows(const DeformShape& sh, int64_t tile0, int64_t co
     const int64_t col = tile0 + e / K;
     // Beyond the last column: an axis sample outside the scope, all weights 0.
     A u = A(-1), v = A(-1);
-    if (col < cols) scope_position(sh, kernel_offset, col / P, kg, int64_t(e % K), P, col % P, &u, &v);
+    if (col < cols)
+      scope_position(sh, kernel_offset, col / P, kg, int64_t(e % K), P, col % P, &u, &v);
     ScopeRows<A> r;
     math::axis_weights<kRegScope>(math::axis_sample(u, int64_t(sh.scope_h)), sh.scope_h, r.row);
     math::axis_weights<kRegScope>(math::axis_sample(v, int64_t(sh.scope_w)), sh.scope_w, r.col);
@@ -567,6 +568,26 @@ __global__ void reduce_segments_kernel(int64_t nb, int64_t U, int64_t G, int64_t
   }
 }
 
+// One thread per kernel entry (image, o, c), all of its taps: consecutive
+// threads take consecutive c, so the tap-major stores are coalesced.
+template <typename scalar_t>
+__global__ void global_kernels_kernel(math::GlobalKernelShape shape, bool tap_major,
+                                      int64_t entries, const scalar_t* __restrict__ weight,
+                                      const scalar_t* __restrict__ offset,
+                                      scalar_t* __restrict__ out) {
+  using A = acc_t<scalar_t>;
+  const auto load_weight = [weight](int64_t i) { return to_acc(weight[i]); };
+  const auto load_offset = [offset](int64_t i) { return to_acc(offset[i]); };
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < entries;
+       e += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t c = e % shape.cg, o = e / shape.cg % shape.c_out;
+    const int64_t n = e / (shape.cg * shape.c_out);
+    math::global_kernel_taps<A>(shape, n, o, c, load_weight, load_offset, [&](int64_t k, A v) {
+      out[math::global_kernel_index(shape, tap_major, n, o, c, k)] = from_acc<scalar_t>(v);
+    });
+  }
+}
+
 template <typename scalar_t>
 __global__ void cast_kernel(const acc_t<scalar_t>* __restrict__ src, scalar_t* __restrict__ dst,
                             int64_t n) {
@@ -812,6 +833,23 @@ cudaError_t launch_reduce_segments(int64_t nb, int64_t U, int64_t G, int64_t J, 
 }
 
 template <typename scalar_t>
+cudaError_t launch_global_kernels(const math::GlobalKernelShape& shape, bool tap_major,
+                                  const scalar_t* weight, const scalar_t* offset, scalar_t* out,
+                                  cudaStream_t stream) {
+  const int64_t entries = shape.n * shape.c_out * shape.cg;
+  if (entries == 0 || shape.kh * shape.kw == 0) return cudaSuccess;
+  if (shape.groups <= 0 || shape.offset_groups <= 0 || shape.c_out % shape.groups != 0 ||
+      (shape.groups * shape.cg) % shape.offset_groups != 0)
+    return cudaErrorInvalidValue;
+  DeviceInfo info;
+  cudaError_t err = device_info(&info);
+  if (err != cudaSuccess) return err;
+  global_kernels_kernel<scalar_t><<<elementwise_blocks(entries, info), 256, 0, stream>>>(
+      shape, tap_major, entries, weight, offset, out);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
 cudaError_t launch_cast(const acc_t<scalar_t>* src, scalar_t* dst, int64_t n,
                         cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
@@ -832,6 +870,8 @@ cudaError_t launch_cast(const acc_t<scalar_t>* src, scalar_t* dst, int64_t n,
                                                   const T*, T*, cudaStream_t);                   \
   template cudaError_t launch_reduce_segments<T>(int64_t, int64_t, int64_t, int64_t, int64_t,    \
                                                  const acc_t<T>*, T*, cudaStream_t);             \
+  template cudaError_t launch_global_kernels<T>(const math::GlobalKernelShape&, bool, const T*, \
+                                                const T*, T*, cudaStream_t);                   \
   template cudaError_t launch_cast<T>(const acc_t<T>*, T*, int64_t, cudaStream_t);
 
 ERFTOOL_INSTANTIATE(float)

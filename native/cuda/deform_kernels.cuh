@@ -22,6 +22,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <erftool/deform_math.h>
+
 namespace erftool {
 namespace cuda {
 
@@ -122,6 +124,15 @@ template <typename scalar_t>
 cudaError_t launch_reduce_segments(int64_t nb, int64_t U, int64_t G, int64_t J, int64_t P,
                                    const acc_t<scalar_t>* part, scalar_t* out,
                                    cudaStream_t stream);
+
+// (d) A global Deformable Kernel's per-image kernels (math::GlobalKernelShape:
+// channel-major (N, C_out, C_in/groups, K) or tap-major (N, K, C_out,
+// C_in/groups)), one thread per kernel entry (image, o, c); weight (C_out, C_in/groups, S_h, S_w)
+// and offset (N, 2*G*K) dense.
+template <typename scalar_t>
+cudaError_t launch_global_kernels(const math::GlobalKernelShape& shape, bool tap_major,
+                                  const scalar_t* weight, const scalar_t* offset, scalar_t* out,
+                                  cudaStream_t stream);
 
 // (c2) dst[i] = scalar_t(src[i]) for i < n.
 template <typename scalar_t>

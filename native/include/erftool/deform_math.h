@@ -182,5 +182,53 @@ ERFTOOL_HD void gather_from_scope_grad(const BilinearCorners<Acc>& c, const T* c
   *dx = gx;
 }
 
+// A global Deformable Kernel's per-image kernels: the scope weight
+// (C_out, C_in/groups, S_h, S_w) resampled at each image's offsets
+// (N, 2*G*K_h*K_w), one bilinear sample per (image, output channel, input
+// channel, tap). Element e of the output, in one of two layouts:
+//   * channel-major (N, C_out, C_in/groups, K): per image and group an
+//     (C_out/groups) x (C_in/groups * K) matrix, im2col's column order, and
+//     the weight of a convolution with the batch folded into the groups;
+//   * tap-major (N, K, C_out, C_in/groups): per image and tap one matrix.
+struct GlobalKernelShape {
+  int64_t n, c_out, cg, groups, offset_groups;
+  int64_t kh, kw, scope_h, scope_w;
+};
+
+// Every tap of kernel entry (o, c) of image n: store(k, value) receives the
+// weight of tap k. `weight(i)` / `offset(i)` load flat element i of the scope
+// weight / the offsets as the accumulation type T. One call per entry keeps
+// the index arithmetic (integer divisions) out of the per-tap work.
+template <typename T, typename LoadWeight, typename LoadOffset, typename Store>
+ERFTOOL_HD void global_kernel_taps(const GlobalKernelShape& s, int64_t n, int64_t o, int64_t c,
+                                   LoadWeight weight, LoadOffset offset, Store store) {
+  // Input channel of entry (o, c), then its offset group.
+  const int64_t channel = (o / (s.c_out / s.groups)) * s.cg + c;
+  const int64_t g = channel / (s.groups * s.cg / s.offset_groups);
+  const int64_t first = (n * s.offset_groups + g) * 2 * s.kh * s.kw;
+  const int64_t plane = (o * s.cg + c) * s.scope_h * s.scope_w;
+  for (int64_t a = 0, k = 0; a < s.kh; ++a) {
+    for (int64_t b = 0; b < s.kw; ++b, ++k) {
+      const BilinearCorners<T> corners = bilinear_corners<T>(
+          scope_coordinate<T>(a, s.kh, s.scope_h, offset(first + 2 * k)),
+          scope_coordinate<T>(b, s.kw, s.scope_w, offset(first + 2 * k + 1)), s.scope_h,
+          s.scope_w);
+      T v = T(0);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (corners.index[i] >= 0) v += corners.weight[i] * weight(plane + corners.index[i]);
+      store(k, v);
+    }
+  }
+}
+
+// Flat index of element (n, o, c, k) in either layout.
+ERFTOOL_HD int64_t global_kernel_index(const GlobalKernelShape& s, bool tap_major, int64_t n,
+                                       int64_t o, int64_t c, int64_t k) {
+  const int64_t taps = s.kh * s.kw;
+  return tap_major ? ((n * taps + k) * s.c_out + o) * s.cg + c
+                   : ((n * s.c_out + o) * s.cg + c) * taps + k;
+}
+
 }  // namespace math
 }  // namespace erftool
