@@ -5,8 +5,9 @@
 #   2. builds the native extension with its CUDA kernels (erftool/ops/_native.py);
 #   3. runs tests/test_ops_cuda.py (CUDA vs reference / CPU, half types, gradcheck);
 #   4. runs benchmarks/bench_gpu.py (local DK, global DK, DC, DK+DC vs cuDNN conv2d;
-#      with --global-forms, --column-paths and --profile), then two float32 diagnostics appended
-#      to bench.log: --timing synced, and ERFTOOL_CHUNK_MB=1024 (one column chunk).
+#      with --global-forms, --column-paths and --profile), then three float32 diagnostics
+#      appended to bench.log: --timing synced, ERFTOOL_CHUNK_MB=1024 (one chunk of columns)
+#      and ERFTOOL_CHUNK_MB=32 (chunks that stay in the H100's 50 MB L2 cache).
 # Everything is written under $OUT (default ./gpu-results), at most 8 files:
 #   summary.txt env.txt compile.log build.log tests.log bench.log bench_gpu.json bench_gpu.md
 # Exit status: 0 when the build and the tests passed (benchmark problems are
@@ -173,8 +174,10 @@ if [[ -z "${SKIP_BENCH:-}" && $build_rc -eq 0 ]]; then
     diagnostic "--timing synced" "$python" benchmarks/bench_gpu.py $quick --timing synced
     # shellcheck disable=SC2086
     diagnostic chunk1024 env ERFTOOL_CHUNK_MB=1024 "$python" benchmarks/bench_gpu.py $quick
+    # shellcheck disable=SC2086
+    diagnostic chunk32 env ERFTOOL_CHUNK_MB=32 "$python" benchmarks/bench_gpu.py $quick
     rmdir "$scratch"
-    note "diagnostics (synced timing, 1 GB chunks): appended to bench.log"
+    note "diagnostics (synced timing, 1 GB and 32 MB chunks): appended to bench.log"
   fi
 fi
 

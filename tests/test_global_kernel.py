@@ -173,7 +173,7 @@ GEMM_CASES = {  # name: (C_in, C_out, size (H, W), op keyword arguments)
 def test_gemm_form_matches_the_oracle(gemm_form, monkeypatch, layout, one_image_chunks, case):
     monkeypatch.setattr(_global_gemm, "layout", lambda input, weight, geom: layout)
     if one_image_chunks:
-        monkeypatch.setattr(_global_gemm, "_CHUNK_BYTES", 1)
+        monkeypatch.setenv("ERFTOOL_CHUNK_MB", "1e-6")
     c, o, size, kwargs = GEMM_CASES[case]
     groups, offset_groups = kwargs.get("groups", 1), kwargs.get("offset_groups", 1)
     kernel = _args.pair("test", "kernel_size", kwargs["kernel_size"], 1)

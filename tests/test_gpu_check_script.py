@@ -1,6 +1,6 @@
 """scripts/gpu_check.sh runs only where a GPU is lent, so its control flow is
 checked here with a stand-in interpreter: every step runs, the benchmark and
-its two diagnostics get their arguments, and everything stays within the 8
+its three diagnostics get their arguments, and everything stays within the 8
 files that come back from the device machine."""
 import os
 import stat
@@ -49,7 +49,7 @@ def test_gpu_check_runs_every_step_within_eight_files(tmp_path, stand_in):
     assert {"summary.txt", "bench.log", "bench_gpu.md", "tests.log"} <= set(files)
     summary = (out / "summary.txt").read_text()
     for line in ("PASS: native extension built", "PASS: tests/test_ops_cuda.py",
-                 "diagnostics (synced timing, 1 GB chunks)", "status: PASS"):
+                 "diagnostics (synced timing, 1 GB and 32 MB chunks)", "status: PASS"):
         assert line in summary, summary
     main = (out / "bench_gpu.md").read_text()
     assert "--global-forms --column-paths --profile" in main and "chunk=default" in main
@@ -57,4 +57,6 @@ def test_gpu_check_runs_every_step_within_eight_files(tmp_path, stand_in):
     synced = log.index("=== diagnostic: --timing synced")
     chunked = log.index("=== diagnostic: chunk1024")
     assert "--timing synced --dtypes float32" in log[synced:chunked]
-    assert "chunk=1024" in log[chunked:] and "--dtypes float32" in log[chunked:]
+    small = log.index("=== diagnostic: chunk32")
+    assert "chunk=1024" in log[chunked:small] and "--dtypes float32" in log[chunked:small]
+    assert "chunk=32" in log[small:] and "--dtypes float32" in log[small:]

@@ -348,7 +348,7 @@ def test_global_dk_runs_the_gemm_form_on_cuda(monkeypatch, layout, groups, offse
     from erftool.ops import _global_gemm, _global_kernel
 
     monkeypatch.setattr(_global_gemm, "layout", lambda i, w, g: layout)
-    monkeypatch.setattr(_global_gemm, "_CHUNK_BYTES", 1)  # one image per chunk
+    monkeypatch.setenv("ERFTOOL_CHUNK_MB", "1e-6")  # one image per chunk
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(3, 8, 7, 6, generator=gen, dtype=torch.float64)
     w = torch.randn(6, 8 // groups, 4, 5, generator=gen, dtype=torch.float64)

@@ -14,18 +14,12 @@ column-form library, or the pure-PyTorch reference.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _args, _backend, _global_kernel, _native, reference
-
-
-def chunk_bytes() -> int:
-    """Bound on the column buffer of the native kernels (ERFTOOL_CHUNK_MB, default 256)."""
-    return int(float(os.environ.get("ERFTOOL_CHUNK_MB", "256")) * (1 << 20))
 
 
 def _geometry(input, weight, kernel_size, stride, padding, dilation, groups, offset_groups,
@@ -56,7 +50,7 @@ def _native_forward(input, weight, kernel_offset, data_offset, mask, bias, geom)
         None if data_offset is None else data_offset.contiguous(),
         None if mask is None else mask.contiguous(),
         list(geom.kernel_size), list(geom.stride), list(geom.padding), list(geom.dilation),
-        geom.groups, geom.offset_groups, geom.data_offset_groups, chunk_bytes())
+        geom.groups, geom.offset_groups, geom.data_offset_groups, _native.chunk_bytes())
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
     return out
@@ -168,7 +162,7 @@ def _native_backward(grad_output, input, weight, kernel_offset, data_offset, mas
         None if data_offset is None else data_offset.contiguous(),
         None if mask is None else mask.contiguous(),
         list(geom.kernel_size), list(geom.stride), list(geom.padding), list(geom.dilation),
-        geom.groups, geom.offset_groups, geom.data_offset_groups, chunk_bytes(),
+        geom.groups, geom.offset_groups, geom.data_offset_groups, _native.chunk_bytes(),
         [bool(n) for n in needs[:5]])
     grads = list(grads)
     if kernel_offset is not None and kernel_offset.dim() == 2 and grads[2] is not None:

@@ -31,7 +31,8 @@ columns by col2im. (After the H100 calls: im2col and col2im replaced a
 strided gather and per-tap window additions, and global_kernels about
 fifteen small operations (the tents, their product, a matrix product, a
 re-layout); not yet timed on a GPU.)
-Images go in chunks that keep the columns and kernels under _CHUNK_BYTES.
+Images go in chunks that keep the columns and kernels under _native.chunk_bytes()
+(ERFTOOL_CHUNK_MB, 256 by default), as the local DK's columns.
 """
 from __future__ import annotations
 
@@ -40,11 +41,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _args
+from . import _args, _native
 from . import _global_kernel as gk
-
-_CHUNK_BYTES = 256 << 20
-
 
 def layout(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
     """Which layout the forward takes (see above)."""
@@ -54,12 +52,12 @@ def layout(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
 
 def _images_per_chunk(input: Tensor, weight: Tensor, geom: _args.Geometry) -> int:
     """Images whose columns, kernels (every offset group's candidates, and a
-    re-laid copy) and partial outputs fit _CHUNK_BYTES (float32 or wider)."""
+    re-laid copy) and partial outputs fit chunk_bytes() (float32 or wider)."""
     o, cg = weight.shape[:2]
     positions = geom.out_size[0] * geom.out_size[1]
     per_image = geom.taps * (input.shape[1] * positions + o * cg * (geom.offset_groups + 1)
                              + o * positions)
-    return max(1, _CHUNK_BYTES // (per_image * max(4, input.element_size())))
+    return max(1, _native.chunk_bytes() // (per_image * max(4, input.element_size())))
 
 
 def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor],

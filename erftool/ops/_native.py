@@ -23,6 +23,13 @@ _lock = threading.Lock()
 _state = {"tried": False, "module": None, "error": None, "build_dir": None}
 
 
+def chunk_bytes() -> int:
+    """Bound on the extra buffers (columns, per-image kernels) of the native
+    kernels, which work through the batch in chunks of images within it:
+    ERFTOOL_CHUNK_MB, default 256."""
+    return int(float(os.environ.get("ERFTOOL_CHUNK_MB", "256")) * (1 << 20))
+
+
 def _cuda_wanted() -> bool:
     if os.environ.get("ERFTOOL_NO_CUDA_BUILD"):
         return False
