@@ -41,3 +41,17 @@ def test_quick_run_records_its_allocator(tmp_path, allocator):
     assert data["meta"]["malloc_env"] == expected
     ops = {(r["op"], r["backend"]) for r in data["rows"]}
     assert {("conv3x3", "onednn"), ("dk_s4", "native"), ("dc", "native")} <= ops
+
+
+@pytest.mark.skipif(_native.load_native() is None, reason="native module unavailable")
+def test_host_overhead_benchmark_writes_every_op(tmp_path):
+    script = SCRIPT.with_name("bench_host.py")
+    out = tmp_path / "host.json"
+    res = subprocess.run([sys.executable, str(script), "--repeats", "1", "--calls", "3",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"conv2d", "local_dk", "global_dk", "dk_dc", "dc"}
+    assert rows["conv2d"]["fwd_ratio"] == 1.0
+    assert all(r["fwd_us"] > 0 and r["fwd_bwd_us"] > 0 for r in rows.values())
+    assert not list(tmp_path.glob("*.partial"))

@@ -52,16 +52,12 @@ def deform_kernel2d(
             locations (DK + DC).
         backend: None/"auto", "native" or "reference".
     """
-    _args.check_deform_kernel2d(
+    geom, _ = _args.check_deform_kernel2d(
         input, weight, offset, kernel_size, bias, stride, padding, dilation, groups,
         offset_groups, data_offset)
-    op = "deform_kernel2d"
     return torch.ops.erftool.deform_kernel2d(
-        input, weight, offset, data_offset, bias,
-        list(_args.pair(op, "kernel_size", kernel_size, 1)),
-        list(_args.pair(op, "stride", stride, 1)), list(_args.pair(op, "padding", padding, 0)),
-        list(_args.pair(op, "dilation", dilation, 1)), groups, offset_groups,
-        _backend_arg(backend))
+        input, weight, offset, data_offset, bias, list(geom.kernel_size), list(geom.stride),
+        list(geom.padding), list(geom.dilation), groups, offset_groups, _backend_arg(backend))
 
 
 def deform_conv2d(
@@ -74,12 +70,11 @@ def deform_conv2d(
     input (N, C_in, H, W); offset (N, 2*DG*K_h*K_w, H_out, W_out);
     weight (C_out, C_in/groups, K_h, K_w); mask (N, DG*K_h*K_w, H_out, W_out).
     """
-    _args.check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
-    op = "deform_conv2d"
+    geom = _args.check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation,
+                                     mask)
     return torch.ops.erftool.deform_conv2d(
-        input, offset, weight, bias, mask, list(_args.pair(op, "stride", stride, 1)),
-        list(_args.pair(op, "padding", padding, 0)),
-        list(_args.pair(op, "dilation", dilation, 1)), _backend_arg(backend))
+        input, offset, weight, bias, mask, list(geom.stride), list(geom.padding),
+        list(geom.dilation), _backend_arg(backend))
 
 
 def resample_kernel(weight: Tensor, offset: Tensor, kernel_size, offset_groups: int = 1,
