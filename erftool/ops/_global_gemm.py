@@ -51,12 +51,11 @@ def layout(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
 
 
 def _images_per_chunk(input: Tensor, weight: Tensor, geom: _args.Geometry) -> int:
-    """Images whose columns, kernels (every offset group's candidates, and a
-    re-laid copy) and partial outputs fit chunk_bytes() (float32 or wider)."""
+    """Images whose columns, kernels and per-tap partial outputs fit
+    chunk_bytes() (float32 or wider)."""
     o, cg = weight.shape[:2]
     positions = geom.out_size[0] * geom.out_size[1]
-    per_image = geom.taps * (input.shape[1] * positions + o * cg * (geom.offset_groups + 1)
-                             + o * positions)
+    per_image = geom.taps * (input.shape[1] * positions + o * cg + o * positions)
     return max(1, _native.chunk_bytes() // (per_image * max(4, input.element_size())))
 
 

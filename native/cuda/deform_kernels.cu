@@ -870,8 +870,8 @@ cudaError_t launch_cast(const acc_t<scalar_t>* src, scalar_t* dst, int64_t n,
                                                   const T*, T*, cudaStream_t);                   \
   template cudaError_t launch_reduce_segments<T>(int64_t, int64_t, int64_t, int64_t, int64_t,    \
                                                  const acc_t<T>*, T*, cudaStream_t);             \
-  template cudaError_t launch_global_kernels<T>(const math::GlobalKernelShape&, bool, const T*, \
-                                                const T*, T*, cudaStream_t);                   \
+  template cudaError_t launch_global_kernels<T>(const math::GlobalKernelShape&, bool,            \
+                                                const T*, const T*, T*, cudaStream_t);           \
   template cudaError_t launch_cast<T>(const acc_t<T>*, T*, int64_t, cudaStream_t);
 
 ERFTOOL_INSTANTIATE(float)
