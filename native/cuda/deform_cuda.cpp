@@ -4,7 +4,7 @@
 // Column form, per chunk of `nb` images (chunk_bytes bounds the column
 // buffers) and per weight group gw:
 //   forward   columns = build(input, offsets, mask)            (C_in*S2) x (nb*Ho*Wo)
-//             out_g   = W_g @ columns_g                          cuBLAS (at::mm)
+//             out_g   = W_g @ columns_g, per image into NCHW     cuBLAS (at::bmm)
 //   backward  gcols_g = W_g^T @ grad_out_g                       cuBLAS
 //             grad_W_g += grad_out_g @ columns_g^T               cuBLAS (columns rebuilt)
 //             offsets / mask grads: fused pass over gcols (block reductions),
@@ -233,18 +233,13 @@ at::Tensor deform_forward_cuda(const at::Tensor& input, const at::Tensor& weight
                   ptr_or_null<cu_t>(pb.mask, pb.has_mask, n0 * pb.DG * K * P),
                   reinterpret_cast<cu_t*>(columns.data_ptr()), stream),
               "build_columns");
+          // One product per image, (Og, Rg) @ that image's columns (Rg, P), read
+          // in place (leading dimension cur*P) and written straight into the
+          // NCHW output: no (Og, cur*P) result to re-lay.
           for (int64_t gw = 0; gw < pb.groups; ++gw) {
-            const at::Tensor w_g = w2.narrow(0, gw * Og, Og);
-            const at::Tensor cols_g = columns.narrow(0, gw * Rg, Rg);
-            if (cur == 1) {
-              at::Tensor dst = out.select(0, n0).narrow(0, gw * Og, Og).view({Og, P});
-              at::mm_out(dst, w_g, cols_g);
-            } else {
-              const at::Tensor res = at::mm(w_g, cols_g);  // (Og, cur*P)
-              out.narrow(0, n0, cur)
-                  .narrow(1, gw * Og, Og)
-                  .copy_(res.view({Og, cur, pb.Ho, pb.Wo}).transpose(0, 1));
-            }
+            at::Tensor dst = out.narrow(0, n0, cur).narrow(1, gw * Og, Og).view({cur, Og, P});
+            at::bmm_out(dst, w2.narrow(0, gw * Og, Og).expand({cur, Og, Rg}),
+                        columns.narrow(0, gw * Rg, Rg).view({Rg, cur, P}).transpose(0, 1));
           }
         }
       });

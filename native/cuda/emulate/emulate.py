@@ -193,9 +193,10 @@ class Emulated:
                        *(_ptr(self._chunk(t, n0, cur)) for t in (x, ko, do, m)), _ptr(cols))
             if rc != 0:
                 raise RuntimeError(f"build_columns returned CUDA error {rc}")
-            for g in range(self.groups):
-                res = w2[g * Og:(g + 1) * Og] @ cols[g * Rg:(g + 1) * Rg]
-                out[n0:n0 + cur, g * Og:(g + 1) * Og] = res.view(Og, cur, ho, wo).transpose(0, 1)
+            for g in range(self.groups):  # one product per image, straight into NCHW
+                dst = out[n0:n0 + cur, g * Og:(g + 1) * Og].view(cur, Og, P)
+                torch.bmm(w2[g * Og:(g + 1) * Og].expand(cur, Og, Rg),
+                          cols[g * Rg:(g + 1) * Rg].view(Rg, cur, P).transpose(0, 1), out=dst)
         return out
 
     def backward(self, go, x, w, ko, do, m, images_per_chunk=None):
