@@ -1,7 +1,7 @@
 """GPU benchmarks of erftool's native CUDA operators against cuDNN conv2d.
 
 Measures, per shape and dtype, forward and forward+backward medians (CUDA
-events, after warm-up), and the forward's kernel time alone (profiler), of
+events, after warm-up), and the kernel time alone of each (profiler), of
   * conv2d           torch.nn.functional.conv2d, 3x3 (cuDNN, benchmark mode): the anchor
   * local DK         erftool.ops.deform_kernel2d, scope 4x4, per-location offsets
   * global DK        erftool.ops.deform_kernel2d, scope 4x4, per-image offsets
@@ -18,8 +18,8 @@ the CPU's size rule) and cuDNN's convolution with per-image weights alone, in
 NCHW and channels-last layout (a candidate building block); --column-paths
 also times the ops that build columns with the column build's shared-memory
 path forced (ERFTOOL_CUDA_COLUMN_BUILD=shared: the register and identity
-paths' baseline); --profile prints the CUDA kernels of one forward of each op
-on the first shape of each dtype.
+paths' baseline); --profile prints the CUDA kernels of one forward, and one
+forward+backward, of each op on the first shape of each dtype.
 Usage:
     python benchmarks/bench_gpu.py --out gpu-results [--quick] [--dtypes float32,bfloat16]
         [--global-forms] [--column-paths] [--profile]
@@ -216,18 +216,38 @@ def device_ms(fn) -> float:
         return float("nan")
 
 
-def profile_forwards(leaves, calls, log):
-    """The CUDA kernels of one forward of each op (after a warm-up call)."""
-    for op_name, (fn, _) in calls.items():
+def training_step(fn, leaves, used, grad):
+    """One forward+backward of fn on copies of the leaves that need gradients
+    in `used`, the gradients cleared after each call."""
+    train = {key: (val.detach().requires_grad_(key in used) if val.is_floating_point()
+                   else val) for key, val in leaves.items()}
+
+    def step():
+        out = fn(train)
+        out.backward(grad)
+        for key in used:
+            train[key].grad = None
+    return step
+
+
+def profile_calls(leaves, grad, calls, log):
+    """The CUDA kernels of one forward of each op, and of one forward+backward
+    of each op not forced into a variant (after a warm-up call each)."""
+    for op_name, (fn, used) in calls.items():
         log(f"--- profile: {op_name}")
         try:
             with torch.no_grad():
                 fn(leaves)
                 prof = profiled(lambda: fn(leaves), True)
+            log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10))
+            if "[" not in op_name:
+                step = training_step(fn, leaves, used, grad)
+                step()
+                log(f"--- profile: {op_name} forward+backward")
+                log(profiled(step, True).key_averages().table(sort_by="cuda_time_total",
+                                                              row_limit=14))
         except Exception as exc:  # e.g. an op without this dtype: keep the benchmark going
             log(f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-            continue
-        log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10))
 
 
 def bench_shape(shape, dtype, args, log, profile=False):
@@ -244,7 +264,7 @@ def bench_shape(shape, dtype, args, log, profile=False):
             fn, used = calls[op_name]
             calls[f"{op_name}[shared_columns]"] = (with_shared_column_build(fn), used)
     if profile:
-        profile_forwards(leaves, calls, log)
+        profile_calls(leaves, grad, calls, log)
     row = {"shape": name, "N": n, "C_in": c, "C_out": o, "H": hw, "W": hw, "groups": groups,
            "dtype": str(dtype).replace("torch.", ""), "ms": {}}
     for op_name, (fn, used) in calls.items():
@@ -253,23 +273,17 @@ def bench_shape(shape, dtype, args, log, profile=False):
             with torch.no_grad():
                 entry["fwd"] = timed(lambda: fn(leaves), args.warmup, args.reps, queued)
                 entry["fwd_device"] = device_ms(lambda: fn(leaves))
-            train = {key: (val.detach().requires_grad_(key in used) if val.is_floating_point()
-                           else val) for key, val in leaves.items()}
-
-            def step():
-                out = fn(train)
-                out.backward(grad)
-                for key in used:
-                    train[key].grad = None
-
+            step = training_step(fn, leaves, used, grad)
             entry["fwd_bwd"] = timed(step, max(1, args.warmup // 2), max(3, args.reps // 2),
                                      queued)
+            entry["fwd_bwd_device"] = device_ms(step)
         except Exception as exc:  # keep the other measurements
             entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         row["ms"][op_name] = entry
         log(f"  {name:>15} {row['dtype']:>9} {op_name:>15}: " + (
             entry.get("error") or f"fwd {entry['fwd']:.3f} ms (device {entry['fwd_device']:.3f}), "
-                                  f"fwd+bwd {entry['fwd_bwd']:.3f} ms"))
+                                  f"fwd+bwd {entry['fwd_bwd']:.3f} ms "
+                                  f"(device {entry['fwd_bwd_device']:.3f})"))
         torch.cuda.empty_cache()
     base = row["ms"].get("conv2d", {})
     row["ratio_to_conv2d"] = {}
@@ -314,21 +328,21 @@ def markdown(env, rows) -> str:
              f"cudnn.benchmark={env['cudnn_benchmark']}; chunk MB={env['chunk_mb']}; "
              f"median of {env['reps']} (fwd) after {env['warmup']} warm-up runs, "
              f"{env['timing']} timing", "",
-             "fwd device ms: the forward's kernel time (profiler), without host overhead.", "",
-             "| shape | dtype | op | fwd ms | fwd device ms | fwd+bwd ms | fwd / conv2d | "
-             "fwd+bwd / conv2d |",
-             "|---|---|---|---|---|---|---|---|"]
+             "device ms: the kernel time of one call (profiler), without host overhead.", "",
+             "| shape | dtype | op | fwd ms | fwd device ms | fwd+bwd ms | fwd+bwd device ms | "
+             "fwd / conv2d | fwd+bwd / conv2d |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for op_name, entry in row["ms"].items():
             ratio = row["ratio_to_conv2d"].get(op_name, {})
             if "error" in entry:
                 lines.append(f"| {row['shape']} | {row['dtype']} | {op_name} | error: "
-                             f"{entry['error'][:80]} | | | | |")
+                             f"{entry['error'][:80]} | | | | | |")
                 continue
             lines.append(
                 f"| {row['shape']} | {row['dtype']} | {op_name} | {entry['fwd']:.3f} | "
-                f"{entry['fwd_device']:.3f} | "
-                f"{entry['fwd_bwd']:.3f} | {ratio.get('fwd', float('nan')):.2f}x | "
+                f"{entry['fwd_device']:.3f} | {entry['fwd_bwd']:.3f} | "
+                f"{entry['fwd_bwd_device']:.3f} | {ratio.get('fwd', float('nan')):.2f}x | "
                 f"{ratio.get('fwd_bwd', float('nan')):.2f}x |")
     lines += ["", "## Targets (forward time relative to conv2d)", ""]
     for op_name, target in TARGETS.items():

@@ -1,6 +1,7 @@
-"""benchmarks/bench_ops.py: a quick run writes its results and runs under the
-allocator setting it records (the steady setting re-runs the script with
-glibc's tunables set, which glibc reads only at start-up)."""
+"""The benchmark scripts. bench_ops.py: a quick run writes its results and runs
+under the allocator setting it records (the steady setting re-runs the script
+with glibc's tunables set, which glibc reads only at start-up). bench_host.py:
+a quick run writes every op. bench_gpu.py: its table and training step, on CPU."""
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from erftool.ops import _native
 
@@ -55,3 +57,33 @@ def test_host_overhead_benchmark_writes_every_op(tmp_path):
     assert rows["conv2d"]["fwd_ratio"] == 1.0
     assert all(r["fwd_us"] > 0 and r["fwd_bwd_us"] > 0 for r in rows.values())
     assert not list(tmp_path.glob("*.partial"))
+
+
+def _gpu_script():
+    spec = importlib.util.spec_from_file_location(
+        "bench_gpu", SCRIPT.with_name("bench_gpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_table_and_training_step_without_a_gpu():
+    # bench_gpu.py runs only where a GPU is lent: its table and its
+    # forward+backward step are checked here on CPU tensors.
+    bench = _gpu_script()
+    x = torch.randn(2, 3, requires_grad=True)
+    leaves = {"x": x, "index": torch.arange(2)}
+    step = bench.training_step(lambda t: t["x"] * 2, leaves, ("x",), torch.ones(2, 3))
+    step()  # runs, and clears the gradient it made
+    env = dict(device="D", capability=[9, 0], torch="t", cuda="c", cudnn=1, tf32_matmul=False,
+               tf32_cudnn=False, cudnn_benchmark=True, chunk_mb="256", reps=3, warmup=1,
+               timing="queued")
+    entry = dict(fwd=2.0, fwd_device=1.5, fwd_bwd=6.0, fwd_bwd_device=5.0)
+    rows = [dict(shape="s", dtype="float32", ms={"conv2d": entry, "local_dk": entry,
+                                                  "dc": {"error": "boom"}},
+                 ratio_to_conv2d={"conv2d": {"fwd": 1.0, "fwd_bwd": 1.0},
+                                  "local_dk": {"fwd": 3.0, "fwd_bwd": 2.0}})]
+    table = bench.markdown(env, rows)
+    assert "| s | float32 | local_dk | 2.000 | 1.500 | 6.000 | 5.000 | 3.00x | 2.00x |" in table
+    assert "| s | float32 | dc | error: boom | | | | | |" in table
+    assert "- local_dk s float32: 3.00x (target <= 2.5x): MISSED" in table
