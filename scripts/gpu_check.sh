@@ -18,7 +18,8 @@
 #        PYTEST_ARGS (extra pytest arguments), SKIP_BENCH=1, SKIP_TESTS=1,
 #        COMPILE_CHECK=1, SKIP_DIAGNOSTICS=1,
 #        TEST_TIMEOUT / BENCH_TIMEOUT (seconds, default 420 / 300).
-# On an H100 it took 95-160 s (build 32-41 s, tests 35-53 s, benchmark 12-20 s).
+# On an H100 it took 95-160 s (build 32-41 s, tests 35-53 s, benchmark 12-20 s), before the
+# column-path rows, the forward+backward profiles and the 32 MB diagnostic were added.
 set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
