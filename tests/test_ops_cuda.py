@@ -101,6 +101,12 @@ CASES = [
     Case("one_by_one", kernel=(1, 1), scope=(2, 2), padding=(0, 0), G=2),
     # Few positions, many channels: channel segments are split over several blocks.
     Case("many_channels", N=1, C=128, C_out=4, H=5, W=6, data_offset=True, mask=True),
+    # Depthwise layers (one input channel per group) take a forward of their own.
+    Case("depthwise_dk", C=4, C_out=8, groups=4, G=2),
+    Case("depthwise_dk_dc", C=4, C_out=4, groups=4, G=4, DG=2, data_offset=True, mask=True,
+         stride=(2, 1)),
+    Case("depthwise_dc", C=4, C_out=4, groups=4, scope=(3, 3), kernel_offset=False,
+         data_offset=True, mask=True, DG=4),
 ]
 CASE_IDS = [c.name for c in CASES]
 
@@ -542,7 +548,8 @@ def _emulation():
 # shared memory (dk_groups_strided, dk_scope_slabs, dk_odd_scope).
 EMULATED = ["local_dk", "centred_dk_rigid", "dk_groups_strided", "dk_large_offsets",
             "dk_scope_slabs", "dk_odd_scope", "dk_mask_rigid", "dc_v1", "dc_v2", "dk_dc",
-            "dk_dc_coprime_groups", "one_by_one", "many_channels"]
+            "dk_dc_coprime_groups", "one_by_one", "many_channels", "depthwise_dk",
+            "depthwise_dk_dc", "depthwise_dc"]
 # Rerun with the shared-memory path forced (ERFTOOL_CUDA_COLUMN_BUILD=shared).
 EMULATED_SHARED = ["local_dk", "dk_large_offsets", "dc_v2", "dk_dc"]
 

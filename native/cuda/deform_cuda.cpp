@@ -5,6 +5,7 @@
 // buffers) and per weight group gw:
 //   forward   columns = build(input, offsets, mask)            (C_in*S2) x (nb*Ho*Wo)
 //             out_g   = W_g @ columns_g, per image into NCHW     cuBLAS (at::bmm)
+//             (depthwise layers: one direct kernel, no columns)
 //   backward  gcols_g = W_g^T @ grad_out_g                       cuBLAS
 //             grad_W_g += grad_out_g @ columns_g^T               cuBLAS (columns rebuilt)
 //             offsets / mask grads: fused pass over gcols (block reductions),
@@ -209,13 +210,30 @@ at::Tensor deform_forward_cuda(const at::Tensor& input, const at::Tensor& weight
   at::Tensor out = at::empty({pb.N, pb.C_out, pb.Ho, pb.Wo}, pb.input.options());
   if (pb.N == 0 || pb.C_out == 0) return out;
   if (pb.C == 0) return out.zero_();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t K = pb.K(), P = pb.P();
+  if (pb.groups == pb.C) {  // depthwise: one kernel for the batch, no columns, no products
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, pb.input.scalar_type(), "erftool_depthwise_forward_cuda", [&] {
+          using cu_t = typename CudaType<scalar_t>::type;
+          check_launch(ek::launch_depthwise_forward<cu_t>(
+                           pb.shape(pb.N, stride, padding, dilation), pb.C_out / pb.C,
+                           ptr_or_null<cu_t>(pb.input, true, 0),
+                           ptr_or_null<cu_t>(pb.weight, true, 0),
+                           ptr_or_null<cu_t>(pb.kernel_offset, pb.has_ko, 0),
+                           ptr_or_null<cu_t>(pb.data_offset, pb.has_do, 0),
+                           ptr_or_null<cu_t>(pb.mask, pb.has_mask, 0),
+                           reinterpret_cast<cu_t*>(out.data_ptr()), stream),
+                       "depthwise_forward");
+        });
+    return out;
+  }
 
   const int64_t nb = images_per_chunk(pb, chunk_bytes, 1);
-  const int64_t P = pb.P(), K = pb.K(), R = pb.C * pb.S2(), Rg = pb.Rg(), Og = pb.Og();
+  const int64_t R = pb.C * pb.S2(), Rg = pb.Rg(), Og = pb.Og();
   const int64_t CHW = pb.C * pb.H * pb.W;
   at::Tensor buffer = at::empty({R * nb * P}, pb.input.options());
   const at::Tensor w2 = pb.weight.view({pb.C_out, Rg});
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, pb.input.scalar_type(), "erftool_deform_forward_cuda", [&] {

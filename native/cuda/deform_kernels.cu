@@ -294,6 +294,22 @@ __device__ void fill_scope_rows(const DeformShape& sh, int64_t tile0, int64_t co
   }
 }
 
+// The input channels [begin, end) a block of the column-build grid works on
+// (blockIdx.y: a channel segment, possibly split over several blocks), and
+// that segment's kernel-offset and data-offset groups.
+struct BlockChannels {
+  int64_t begin, end, kg, dg;
+};
+
+__device__ __forceinline__ BlockChannels block_channels(const DeformShape& sh, int64_t Cs,
+                                                        int splits) {
+  const int64_t seg = blockIdx.y / splits, split = blockIdx.y % splits;
+  const int64_t per_split = (Cs + splits - 1) / splits;
+  const int64_t begin = seg * Cs + split * per_split;
+  return BlockChannels{begin, min(begin + per_split, (seg + 1) * Cs), seg * Cs / (sh.C / sh.G),
+                       seg * Cs / (sh.C / sh.DG)};
+}
+
 template <typename scalar_t, bool kDeform, ColumnPath kPath>
 __global__ void __launch_bounds__(kThreads)
     build_columns_kernel(DeformShape sh, int64_t cols, int64_t Cs, int splits, int slab,
@@ -313,17 +329,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t P = sh.Ho * sh.Wo;
   const int64_t HW = sh.H * sh.W;
   const int64_t tile0 = int64_t(blockIdx.x) * kTileP;
-  const int64_t seg = blockIdx.y / splits, split = blockIdx.y % splits;
-  const int64_t per_split = (Cs + splits - 1) / splits;
-  const int64_t cb = seg * Cs + split * per_split;
-  const int64_t ce = min(cb + per_split, (seg + 1) * Cs);
-  const int64_t kg = seg * Cs / (sh.C / sh.G);
-  const int64_t dg = seg * Cs / (sh.C / sh.DG);
+  const BlockChannels ch = block_channels(sh, Cs, splits);
 
-  fill_coefficients<scalar_t, kDeform>(sh, tile0, cols, kg, dg, kernel_offset, data_offset, mask,
-                                       coef);
+  fill_coefficients<scalar_t, kDeform>(sh, tile0, cols, ch.kg, ch.dg, kernel_offset, data_offset,
+                                       mask, coef);
   if constexpr (kPath == ColumnPath::kRegisters)
-    fill_scope_rows(sh, tile0, cols, kg, kernel_offset, rows);
+    fill_scope_rows(sh, tile0, cols, ch.kg, kernel_offset, rows);
   __syncthreads();
 
   const int p = threadIdx.x;
@@ -333,7 +344,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = col / P;
   const TapCoef<A>* my = coef + p * K;
 
-  for (int64_t c = cb + threadIdx.y; c < ce; c += kLanes) {
+  for (int64_t c = ch.begin + threadIdx.y; c < ch.end; c += kLanes) {
     const scalar_t* plane = input + (n * sh.C + c) * HW;
     scalar_t* out = columns + (c * S2) * cols + col;
     if constexpr (kPath == ColumnPath::kIdentity) {
@@ -382,6 +393,63 @@ __global__ void __launch_bounds__(kThreads)
         for (int s = 0; s < ns; ++s)
           out[(s0 + s) * cols] = from_acc<scalar_t>(my_acc[s * kThreads]);
       }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// (a') Depthwise forward (one input channel per group): no columns and no
+// per-group products (a depthwise layer has one per channel). The block
+// layout and coefficients are the column build's; each output channel o of
+// input channel c = o / multiplier takes, per tap, the tap value times the
+// bilinear sample of o's scope at the tap's kernel-side stencil.
+
+template <typename scalar_t, bool kDeform>
+__global__ void __launch_bounds__(kThreads)
+    depthwise_forward_kernel(DeformShape sh, int64_t cols, int64_t Cs, int splits,
+                             int64_t multiplier, const scalar_t* __restrict__ input,
+                             const scalar_t* __restrict__ weight,
+                             const scalar_t* __restrict__ kernel_offset,
+                             const scalar_t* __restrict__ data_offset,
+                             const scalar_t* __restrict__ mask, scalar_t* __restrict__ out) {
+  using A = acc_t<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  TapCoef<A>* coef = reinterpret_cast<TapCoef<A>*>(smem);
+
+  const int K = sh.kh * sh.kw;
+  const int64_t S2 = int64_t(sh.scope_h) * sh.scope_w;
+  const int64_t P = sh.Ho * sh.Wo;
+  const int64_t HW = sh.H * sh.W;
+  const int64_t c_out = sh.C * multiplier;
+  const int64_t tile0 = int64_t(blockIdx.x) * kTileP;
+  const BlockChannels ch = block_channels(sh, Cs, splits);
+
+  fill_coefficients<scalar_t, kDeform>(sh, tile0, cols, ch.kg, ch.dg, kernel_offset, data_offset,
+                                       mask, coef);
+  __syncthreads();
+
+  const int p = threadIdx.x;
+  const int64_t col = tile0 + p;
+  if (col >= cols) return;  // no barrier below
+  const int64_t n = col / P, pos = col % P;
+  const TapCoef<A>* my = coef + p * K;
+
+  for (int64_t c = ch.begin + threadIdx.y; c < ch.end; c += kLanes) {
+    const scalar_t* plane = input + (n * sh.C + c) * HW;
+    for (int64_t o = c * multiplier; o < (c + 1) * multiplier; ++o) {
+      const scalar_t* scope = weight + o * S2;
+      A sum = A(0);
+      for (int k = 0; k < K; ++k) {
+        const TapCoef<A> t = my[k];
+        A w[4];
+        stencil(t.kly, t.klx, w);
+        A sampled = A(0);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (t.kidx[i] >= 0) sampled += w[i] * to_acc(scope[t.kidx[i]]);
+        sum += t.m * tap_value<scalar_t, kDeform, false>(plane, t, nullptr, nullptr) * sampled;
+      }
+      out[(n * c_out + o) * P + pos] = from_acc<scalar_t>(sum);
     }
   }
 }
@@ -642,6 +710,25 @@ cudaError_t prepare_smem(Kernel kernel, int64_t bytes) {
                               static_cast<int>(bytes));
 }
 
+// The grid of the per-position kernels (column build, depthwise forward):
+// tiles of 32 positions by channel segments, a segment's channels split over
+// several blocks only when the grid would otherwise leave SMs idle (each
+// block keeps at least 8 channels per lane).
+cudaError_t channel_grid(const DeformShape& sh, const DeviceInfo& info, dim3* grid,
+                         int64_t* splits) {
+  const int64_t cols = sh.nb * sh.Ho * sh.Wo;
+  const int64_t U = num_segments(sh.G, sh.DG);
+  const int64_t Cs = sh.C / U;
+  const int64_t tiles = (cols + kTileP - 1) / kTileP;
+  const int64_t target = int64_t(info.sms) * 4;
+  int64_t s = (target + tiles * U - 1) / (tiles * U);
+  s = std::max<int64_t>(1, std::min<int64_t>(s, (Cs + 8 * kLanes - 1) / (8 * kLanes)));
+  if (tiles > INT_MAX || U * s > 65535) return cudaErrorInvalidValue;
+  *grid = dim3(static_cast<unsigned int>(tiles), static_cast<unsigned int>(U * s));
+  *splits = s;
+  return cudaSuccess;
+}
+
 // ERFTOOL_CUDA_COLUMN_BUILD=shared forces the shared-memory path of the column
 // build (any scope), so that one benchmark run can time it against the
 // register and identity paths on the same device.
@@ -702,8 +789,7 @@ cudaError_t launch_build_columns(const DeformShape& sh, const scalar_t* input,
   const int64_t K = int64_t(sh.kh) * sh.kw;
   const int64_t S2 = int64_t(sh.scope_h) * sh.scope_w;
   const int64_t cols = sh.nb * sh.Ho * sh.Wo;
-  const int64_t U = num_segments(sh.G, sh.DG);
-  const int64_t Cs = sh.C / U;
+  const int64_t Cs = sh.C / num_segments(sh.G, sh.DG);
   const int64_t coef_bytes = round_up(kTileP * K * int64_t(sizeof(TapCoef<A>)), 16);
   const int64_t avail = info.smem_optin - coef_bytes;
   if (avail < 0) return cudaErrorInvalidValue;
@@ -725,15 +811,9 @@ cudaError_t launch_build_columns(const DeformShape& sh, const scalar_t* input,
     smem += slab * kThreads * int64_t(sizeof(A));
   }
 
-  const int64_t tiles = (cols + kTileP - 1) / kTileP;
-  // Split a segment's channels over several blocks only when the grid would
-  // otherwise leave SMs idle; each block keeps at least 8 channels per lane.
-  const int64_t target = int64_t(info.sms) * 4;
-  int64_t splits = (target + tiles * U - 1) / (tiles * U);
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, (Cs + 8 * kLanes - 1) / (8 * kLanes)));
-  if (tiles > INT_MAX || U * splits > 65535) return cudaErrorInvalidValue;
-
-  const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(U * splits));
+  int64_t splits = 1;
+  dim3 grid;
+  if ((err = channel_grid(sh, info, &grid, &splits)) != cudaSuccess) return err;
   if (data_offset != nullptr)
     return launch_columns<scalar_t, true>(path, sh, cols, Cs, grid, splits, slab, coef_bytes,
                                           smem, input, kernel_offset, data_offset, mask,
@@ -741,6 +821,40 @@ cudaError_t launch_build_columns(const DeformShape& sh, const scalar_t* input,
   return launch_columns<scalar_t, false>(path, sh, cols, Cs, grid, splits, slab, coef_bytes,
                                          smem, input, kernel_offset, nullptr, mask, columns,
                                          stream);
+}
+
+template <typename scalar_t>
+cudaError_t launch_depthwise_forward(const DeformShape& sh, int64_t multiplier,
+                                     const scalar_t* input, const scalar_t* weight,
+                                     const scalar_t* kernel_offset, const scalar_t* data_offset,
+                                     const scalar_t* mask, scalar_t* out, cudaStream_t stream) {
+  using A = acc_t<scalar_t>;
+  if (!shape_ok(sh) || multiplier <= 0) return cudaErrorInvalidValue;
+  DeviceInfo info;
+  cudaError_t err = device_info(&info);
+  if (err != cudaSuccess) return err;
+  const int64_t K = int64_t(sh.kh) * sh.kw;
+  const int64_t smem = round_up(kTileP * K * int64_t(sizeof(TapCoef<A>)), 16);
+  if (smem > info.smem_optin) return cudaErrorInvalidValue;
+  int64_t splits = 1;
+  dim3 grid;
+  if ((err = channel_grid(sh, info, &grid, &splits)) != cudaSuccess) return err;
+  const int64_t cols = sh.nb * sh.Ho * sh.Wo;
+  const int64_t Cs = sh.C / num_segments(sh.G, sh.DG);
+  if (data_offset != nullptr) {
+    auto kernel = depthwise_forward_kernel<scalar_t, true>;
+    if ((err = prepare_smem(kernel, smem)) != cudaSuccess) return err;
+    kernel<<<grid, dim3(kTileP, kLanes), smem, stream>>>(sh, cols, Cs, static_cast<int>(splits),
+                                                         multiplier, input, weight, kernel_offset,
+                                                         data_offset, mask, out);
+  } else {
+    auto kernel = depthwise_forward_kernel<scalar_t, false>;
+    if ((err = prepare_smem(kernel, smem)) != cudaSuccess) return err;
+    kernel<<<grid, dim3(kTileP, kLanes), smem, stream>>>(sh, cols, Cs, static_cast<int>(splits),
+                                                         multiplier, input, weight, kernel_offset,
+                                                         nullptr, mask, out);
+  }
+  return cudaGetLastError();
 }
 
 int64_t fused_backward_segments(const DeformShape& sh) {
@@ -861,6 +975,9 @@ cudaError_t launch_cast(const acc_t<scalar_t>* src, scalar_t* dst, int64_t n,
 }
 
 #define ERFTOOL_INSTANTIATE(T)                                                                   \
+  template cudaError_t launch_depthwise_forward<T>(const DeformShape&, int64_t, const T*,      \
+                                                   const T*, const T*, const T*, const T*, T*, \
+                                                   cudaStream_t);                              \
   template cudaError_t launch_build_columns<T>(const DeformShape&, const T*, const T*, const T*, \
                                                const T*, T*, cudaStream_t);                      \
   template cudaError_t launch_backward_fused<T>(const DeformShape&, int64_t, const T*, const T*, \

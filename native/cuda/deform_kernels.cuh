@@ -84,6 +84,16 @@ cudaError_t launch_build_columns(const DeformShape& shape, const scalar_t* input
                                  const scalar_t* kernel_offset, const scalar_t* data_offset,
                                  const scalar_t* mask, scalar_t* columns, cudaStream_t stream);
 
+// (a') Depthwise layers (C_in/groups = 1, C_out = multiplier * C_in): the
+// forward without columns, out[n, o] = sum_k X[c, k] * W~[o, k] with
+// c = o / multiplier, written straight into out (nb, C_out, Ho, Wo); bias not
+// added. Same coefficients, offsets and mask conventions as the column build.
+template <typename scalar_t>
+cudaError_t launch_depthwise_forward(const DeformShape& shape, int64_t multiplier,
+                                     const scalar_t* input, const scalar_t* weight,
+                                     const scalar_t* kernel_offset, const scalar_t* data_offset,
+                                     const scalar_t* mask, scalar_t* out, cudaStream_t stream);
+
 // Channel segments V of the fused backward pass for this shape: a multiple of
 // num_segments(G, DG) that divides C_in, larger than it only when the grid
 // would otherwise leave multiprocessors idle (few positions, many channels).

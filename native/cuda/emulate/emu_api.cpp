@@ -33,6 +33,10 @@ static DeformShape mk(const long* p) {
                            T* cols) {                                                          \
     return launch_build_columns<T>(mk(p), in, ko, dof, m, cols, nullptr);                      \
   }                                                                                            \
+  extern "C" int depthwise_##S(const long* p, long multiplier, const T* in, const T* w,      \
+                               const T* ko, const T* dof, const T* m, T* out) {                \
+    return launch_depthwise_forward<T>(mk(p), multiplier, in, w, ko, dof, m, out, nullptr);    \
+  }                                                                                            \
   extern "C" long segments_##S(const long* p) { return fused_backward_segments(mk(p)); }      \
   extern "C" int fused_##S(const long* p, long V, const T* gc, const T* in, const T* ko, const T* dof, \
                            const T* m, acc_t<T>* pko, acc_t<T>* pdo, acc_t<T>* pm,             \
