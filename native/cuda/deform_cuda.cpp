@@ -6,8 +6,8 @@
 //   forward   columns = build(input, offsets, mask)            (C_in*S2) x (nb*Ho*Wo)
 //             out_g   = W_g @ columns_g, per image into NCHW     cuBLAS (at::bmm)
 //             (depthwise layers: one direct kernel, no columns)
-//   backward  gcols_g = W_g^T @ grad_out_g                       cuBLAS
-//             grad_W_g += grad_out_g @ columns_g^T               cuBLAS (columns rebuilt)
+//   backward  gcols_g = W_g^T @ grad_out_g                       cuBLAS, all groups
+//             grad_W_g += grad_out_g @ columns_g^T               in one at::bmm (columns rebuilt)
 //             offsets / mask grads: fused pass over gcols (block reductions),
 //             grad_input: gather (rigid grid) or fp32/fp64 atomics (data offsets).
 // Kernels: native/cuda/deform_kernels.cu (no torch headers). Everything runs
@@ -368,23 +368,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_ba
             }
             if (need_gcols) gcols = gcols_buf.narrow(0, 0, R * cols).view({R, cols});
 
+            // Every weight group's two products in one batched call each (the
+            // groups in the batch: one launch, not one per group, which for a
+            // depthwise layer is one per channel), grad_out re-laid once as
+            // (groups, C_out/groups, cur*P).
             const at::Tensor go_chunk = go.narrow(0, n0, cur);
-            for (int64_t gw = 0; gw < pb.groups; ++gw) {
-              const at::Tensor go_g =
-                  cur == 1 ? go_chunk.select(0, 0).narrow(0, gw * Og, Og).view({Og, P})
-                           : go_chunk.narrow(1, gw * Og, Og).transpose(0, 1).reshape({Og, cols});
-              if (need_gcols) {
-                at::Tensor dst = gcols.narrow(0, gw * Rg, Rg);
-                at::mm_out(dst, w2.narrow(0, gw * Og, Og).t(), go_g);
-              }
-              if (need_weight) {
-                at::Tensor acc = gw_acc.narrow(0, gw * Og, Og);
-                const at::Tensor cols_g = columns.narrow(0, gw * Rg, Rg);
-                if (half_type) {
-                  acc.add_(at::mm(go_g, cols_g.t()));
-                } else {
-                  acc.addmm_(go_g, cols_g.t());
-                }
+            const at::Tensor go_g = (cur == 1 ? go_chunk.select(0, 0).view({pb.C_out, P})
+                                              : go_chunk.transpose(0, 1).reshape({pb.C_out, cols}))
+                                        .view({pb.groups, Og, cols});
+            if (need_gcols) {
+              at::Tensor dst = gcols.view({pb.groups, Rg, cols});
+              at::bmm_out(dst, w2.view({pb.groups, Og, Rg}).transpose(1, 2), go_g);
+            }
+            if (need_weight) {
+              at::Tensor acc = gw_acc.view({pb.groups, Og, Rg});
+              const at::Tensor cols_t = columns.view({pb.groups, Rg, cols}).transpose(1, 2);
+              if (half_type) {
+                acc.add_(at::bmm(go_g, cols_t));
+              } else {
+                acc.baddbmm_(go_g, cols_t);
               }
             }
 

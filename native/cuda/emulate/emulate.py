@@ -235,10 +235,12 @@ class Emulated:
             assert getattr(lib, "build_" + sfx)(prm, _ptr(xs), _ptr(kos), _ptr(dos), _ptr(ms),
                                                 _ptr(cols)) == 0
             gcols = torch.full((R, cur * P), nan, dtype=dt)
-            for g in range(self.groups):
-                go_g = go[n0:n0 + cur, g * Og:(g + 1) * Og].transpose(0, 1).reshape(Og, cur * P)
-                gcols[g * Rg:(g + 1) * Rg] = w2[g * Og:(g + 1) * Og].t() @ go_g
-                gw[g * Og:(g + 1) * Og] += go_g @ cols[g * Rg:(g + 1) * Rg].t()
+            # Every group in one batched product (groups, Og, cur*P).
+            go_g = go[n0:n0 + cur].transpose(0, 1).reshape(self.groups, Og, cur * P)
+            torch.bmm(w2.view(self.groups, Og, Rg).transpose(1, 2), go_g,
+                      out=gcols.view(self.groups, Rg, cur * P))
+            gw.view(self.groups, Og, Rg).baddbmm_(
+                go_g, cols.view(self.groups, Rg, cur * P).transpose(1, 2))
             parts = [torch.full((cur * U * j * P,), nan, dtype=dt) if t is not None else None
                      for t, j in ((ko, 2 * K), (do, 2 * K), (m, K))]
             gin_chunk = gin[n0:n0 + cur]
