@@ -48,7 +48,8 @@ TORCH_LIBRARY(erftool_native, m) {
   // Global Deformable Kernel: each image's kernels, the scope weight
   // resampled at the image's offsets (N, 2*G*Kh*Kw); channel-major
   // (N, C_out, C_in/groups, Kh*Kw) or tap-major (N, Kh*Kw, C_out, C_in/groups)
-  // (math::global_kernel_taps in native/include/erftool/deform_math.h).
+  // (math::global_kernel_corners / global_kernel_value in
+  // native/include/erftool/deform_math.h).
   m.def(
       "global_kernels(Tensor weight, Tensor offset, int[2] kernel_size, int groups, "
       "int offset_groups, bool tap_major) -> Tensor");

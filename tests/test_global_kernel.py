@@ -318,7 +318,7 @@ KERNEL_CASES = [(6, 4, 2, 2, (3, 3), (4, 4)), (4, 3, 1, 3, (3, 1), (5, 2)),
 @pytest.mark.parametrize("tap_major", [False, True], ids=["channel_major", "tap_major"])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"o{c[0]}cg{c[1]}g{c[2]}G{c[3]}")
 def test_native_global_kernels_match_the_oracle(case, tap_major):
-    # erftool_native::global_kernels on CPU runs math::global_kernel_taps, the
+    # erftool_native::global_kernels on CPU runs math::global_kernel_corners / _value, the
     # per-element arithmetic of its CUDA kernel; non-finite and far offsets
     # read zero weight.
     assert _native.load_native() is not None, _native.native_error()

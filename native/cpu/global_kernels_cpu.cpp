@@ -1,11 +1,13 @@
 // CPU kernel of erftool_native::global_kernels: a global Deformable Kernel's
-// per-image kernels, entry by entry through math::global_kernel_taps, the
-// arithmetic the CUDA kernel runs (native/cuda/deform_kernels.cu).
+// per-image kernels through math::global_kernel_corners / global_kernel_value,
+// the arithmetic the CUDA kernel runs (native/cuda/deform_kernels.cu).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include <erftool/deform_math.h>
 #include <erftool/global_kernels_op.h>
@@ -29,17 +31,25 @@ at::Tensor global_kernels_cpu(const at::Tensor& weight, const at::Tensor& offset
     scalar_t* out_p = out.data_ptr<scalar_t>();
     const auto load_weight = [wp](int64_t i) { return static_cast<acc>(wp[i]); };
     const auto load_offset = [op](int64_t i) { return static_cast<acc>(op[i]); };
+    // The corners of every (image, group, tap) once, then every entry of the
+    // group reads them: a sample costs more than the four products it feeds.
+    const int64_t taps = shape.kh * shape.kw, samples = shape.n * shape.offset_groups * taps;
+    std::vector<math::BilinearCorners<acc>> corners(static_cast<size_t>(samples));
+    for (int64_t i = 0; i < samples; ++i)
+      corners[i] = math::global_kernel_corners<acc>(shape, i / (shape.offset_groups * taps),
+                                                    i / taps % shape.offset_groups, i % taps,
+                                                    load_offset);
     // One task item per kernel entry (image, o, c), all of its taps.
     const int64_t entries = shape.n * shape.c_out * shape.cg;
     at::parallel_for(0, entries, 256, [&](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e) {
         const int64_t c = e % shape.cg, o = e / shape.cg % shape.c_out;
         const int64_t n = e / (shape.cg * shape.c_out);
-        math::global_kernel_taps<acc>(shape, n, o, c, load_weight, load_offset,
-                                      [&](int64_t k, acc v) {
+        const int64_t g = math::global_kernel_group(shape, o, c);
+        const auto* mine = corners.data() + (n * shape.offset_groups + g) * taps;
+        for (int64_t k = 0; k < taps; ++k)
           out_p[math::global_kernel_index(shape, tap_major, n, o, c, k)] =
-              static_cast<scalar_t>(v);
-        });
+              static_cast<scalar_t>(math::global_kernel_value(shape, mine[k], o, c, load_weight));
       }
     });
   });

@@ -650,9 +650,15 @@ __global__ void global_kernels_kernel(math::GlobalKernelShape shape, bool tap_ma
        e += int64_t(blockDim.x) * gridDim.x) {
     const int64_t c = e % shape.cg, o = e / shape.cg % shape.c_out;
     const int64_t n = e / (shape.cg * shape.c_out);
-    math::global_kernel_taps<A>(shape, n, o, c, load_weight, load_offset, [&](int64_t k, A v) {
-      out[math::global_kernel_index(shape, tap_major, n, o, c, k)] = from_acc<scalar_t>(v);
-    });
+    // The threads of a warp mostly share n and the offset group, so the
+    // corners cost about one computation per warp.
+    const int64_t g = math::global_kernel_group(shape, o, c);
+    for (int64_t k = 0; k < shape.kh * shape.kw; ++k) {
+      const math::BilinearCorners<A> corners =
+          math::global_kernel_corners<A>(shape, n, g, k, load_offset);
+      out[math::global_kernel_index(shape, tap_major, n, o, c, k)] =
+          from_acc<scalar_t>(math::global_kernel_value(shape, corners, o, c, load_weight));
+    }
   }
 }
 

@@ -195,31 +195,35 @@ struct GlobalKernelShape {
   int64_t kh, kw, scope_h, scope_w;
 };
 
-// Every tap of kernel entry (o, c) of image n: store(k, value) receives the
-// weight of tap k. `weight(i)` / `offset(i)` load flat element i of the scope
-// weight / the offsets as the accumulation type T. One call per entry keeps
-// the index arithmetic (integer divisions) out of the per-tap work.
-template <typename T, typename LoadWeight, typename LoadOffset, typename Store>
-ERFTOOL_HD void global_kernel_taps(const GlobalKernelShape& s, int64_t n, int64_t o, int64_t c,
-                                   LoadWeight weight, LoadOffset offset, Store store) {
-  // Input channel of entry (o, c), then its offset group.
+// Offset group of kernel entry (o, c): that of its input channel.
+ERFTOOL_HD int64_t global_kernel_group(const GlobalKernelShape& s, int64_t o, int64_t c) {
   const int64_t channel = (o / (s.c_out / s.groups)) * s.cg + c;
-  const int64_t g = channel / (s.groups * s.cg / s.offset_groups);
-  const int64_t first = (n * s.offset_groups + g) * 2 * s.kh * s.kw;
+  return channel / (s.groups * s.cg / s.offset_groups);
+}
+
+// The scope sample that tap k of offset group g reads in image n: `offset(i)`
+// loads flat element i of the offsets (N, 2*G*K) as T. Shared by every
+// kernel entry of the group.
+template <typename T, typename LoadOffset>
+ERFTOOL_HD BilinearCorners<T> global_kernel_corners(const GlobalKernelShape& s, int64_t n,
+                                                    int64_t g, int64_t k, LoadOffset offset) {
+  const int64_t at = ((n * s.offset_groups + g) * s.kh * s.kw + k) * 2;
+  return bilinear_corners<T>(scope_coordinate<T>(k / s.kw, s.kh, s.scope_h, offset(at)),
+                             scope_coordinate<T>(k % s.kw, s.kw, s.scope_w, offset(at + 1)),
+                             s.scope_h, s.scope_w);
+}
+
+// The weight of entry (o, c) at those corners: `weight(i)` loads flat element i
+// of the scope weight (C_out, C_in/groups, S_h, S_w) as T.
+template <typename T, typename LoadWeight>
+ERFTOOL_HD T global_kernel_value(const GlobalKernelShape& s, const BilinearCorners<T>& corners,
+                                 int64_t o, int64_t c, LoadWeight weight) {
   const int64_t plane = (o * s.cg + c) * s.scope_h * s.scope_w;
-  for (int64_t a = 0, k = 0; a < s.kh; ++a) {
-    for (int64_t b = 0; b < s.kw; ++b, ++k) {
-      const BilinearCorners<T> corners = bilinear_corners<T>(
-          scope_coordinate<T>(a, s.kh, s.scope_h, offset(first + 2 * k)),
-          scope_coordinate<T>(b, s.kw, s.scope_w, offset(first + 2 * k + 1)), s.scope_h,
-          s.scope_w);
-      T v = T(0);
+  T v = T(0);
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        if (corners.index[i] >= 0) v += corners.weight[i] * weight(plane + corners.index[i]);
-      store(k, v);
-    }
-  }
+  for (int i = 0; i < 4; ++i)
+    if (corners.index[i] >= 0) v += corners.weight[i] * weight(plane + corners.index[i]);
+  return v;
 }
 
 // Flat index of element (n, o, c, k) in either layout.
