@@ -185,7 +185,7 @@ ERFTOOL_HD void gather_from_scope_grad(const BilinearCorners<Acc>& c, const T* c
 // A global Deformable Kernel's per-image kernels: the scope weight
 // (C_out, C_in/groups, S_h, S_w) resampled at each image's offsets
 // (N, 2*G*K_h*K_w), one bilinear sample per (image, output channel, input
-// channel, tap). Element e of the output, in one of two layouts:
+// channel, tap), laid out in one of two ways (global_kernel_index):
 //   * channel-major (N, C_out, C_in/groups, K): per image and group an
 //     (C_out/groups) x (C_in/groups * K) matrix, im2col's column order, and
 //     the weight of a convolution with the batch folded into the groups;
