@@ -16,6 +16,17 @@ def test_native_backend_is_built_and_active():
     assert info["active_cpu"] == "native"
 
 
+def test_backend_info_reports_tuning_overrides(monkeypatch):
+    monkeypatch.delenv("ERFTOOL_CHUNK_MB", raising=False)
+    monkeypatch.delenv("ERFTOOL_CUDA_COLUMN_BUILD", raising=False)
+    info = ops.backend_info()
+    assert info["chunk_mb"] == 256 and info["cuda_column_build"] == "by scope (default)"
+    monkeypatch.setenv("ERFTOOL_CHUNK_MB", "32")
+    monkeypatch.setenv("ERFTOOL_CUDA_COLUMN_BUILD", "shared")
+    info = ops.backend_info()
+    assert info["chunk_mb"] == 32 and info["cuda_column_build"] == "shared"
+
+
 def _grads(case, tensors, backend):
     leaves = {k: v.detach().clone().requires_grad_(k in differentiable(case, tensors))
               for k, v in tensors.items()}

@@ -99,6 +99,10 @@ def backend_info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        # Tuning overrides a benchmark may have left set (ERFTOOL_CHUNK_MB,
+        # ERFTOOL_CUDA_COLUMN_BUILD): they change speed and memory, not results.
+        "chunk_mb": _native.chunk_bytes() / (1 << 20),
+        "cuda_column_build": os.environ.get("ERFTOOL_CUDA_COLUMN_BUILD") or "by scope (default)",
     }
     if asked == "reference":
         info["active_cpu"] = "reference"
