@@ -97,14 +97,21 @@ def test_opcheck(case, backend):
 
 
 def test_torch_compile_fullgraph_matches_eager():
+    # Forward and every gradient: AOTAutograd traces the Autograd-key kernel.
     case = CASES[7]
     tensors = case.make(torch.float32)
 
     def fn(t):
         return case.call(t).relu().sum()
 
+    def value_and_grads(f):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items()}
+        out = f(leaves)
+        return [out.detach(), *torch.autograd.grad(out, list(leaves.values()))]
+
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(tensors), fn(tensors))
+    for got, want in zip(value_and_grads(compiled), value_and_grads(fn)):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[9]], ids=[IDS[0], IDS[5], IDS[9]])
@@ -149,3 +156,20 @@ def test_backend_environment_variable_and_context(monkeypatch):
     monkeypatch.setenv("ERFTOOL_BACKEND", "fastest")
     with pytest.raises(ValueError, match="fastest"):
         ops.requested_backend()
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[9]], ids=[IDS[0], IDS[9]])
+def test_double_backward_raises_a_clear_error(case):
+    tensors = {k: v.requires_grad_() for k, v in case.make(torch.float64).items()}
+    out = case.call(tensors, backend="native")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), tensors["input"], create_graph=True)
+
+
+def test_no_graph_without_gradients():
+    # Under no_grad, or with no input requiring grad, the op leaves no autograd node.
+    case = CASES[0]
+    tensors = case.make(torch.float32)
+    assert case.call(tensors).grad_fn is None
+    with torch.no_grad():
+        assert case.call({k: v.requires_grad_() for k, v in tensors.items()}).grad_fn is None

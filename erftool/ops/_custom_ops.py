@@ -8,13 +8,22 @@ kernel (torch.compile / FakeTensor) and the forward ops carry autograd. The
 backward op is not itself differentiable: double backward raises (a
 deliberate choice; ERFs and training need first-order gradients only).
 
+The ops are defined with torch.library.Library, their kernels registered as
+CompositeExplicitAutograd (every device: the kernels pick the backend) and
+their autograd as Autograd-key kernels around a torch.autograd.Function, as
+torchvision does in C++. torch.library.custom_op would do the same with more
+host work per call: its autograd wrapper rebuilds the schema's argument list
+once per argument on every forward with grad (79 us for these 12 arguments,
+torch 2.13 on the 2-core EPYC), a fixed cost that shows on a GPU where a
+call's device time is short (benchmarks/bench_host.py).
+
 Kernels come from the backend chosen per call (see _backend.py): the native
 column-form library, or the pure-PyTorch reference.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -73,31 +82,54 @@ def _forward(backend, input, weight, kernel_offset, data_offset, mask, bias, geo
     return _native_forward(input, weight, kernel_offset, data_offset, mask, bias, geom)
 
 
-@torch.library.custom_op("erftool::deform_kernel2d", mutates_args=())
-def deform_kernel2d_op(
-    input: Tensor, weight: Tensor, offset: Tensor, data_offset: Optional[Tensor],
-    bias: Optional[Tensor], kernel_size: List[int], stride: List[int], padding: List[int],
-    dilation: List[int], groups: int, offset_groups: int, backend: str,
-) -> Tensor:
+_LIB = torch.library.Library("erftool", "DEF")  # kept alive: the registrations live with it
+_LIB.define(
+    "deform_kernel2d(Tensor input, Tensor weight, Tensor offset, Tensor? data_offset, "
+    "Tensor? bias, SymInt[] kernel_size, SymInt[] stride, SymInt[] padding, SymInt[] dilation, "
+    "SymInt groups, SymInt offset_groups, str backend) -> Tensor")
+_LIB.define(
+    "deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask, "
+    "SymInt[] stride, SymInt[] padding, SymInt[] dilation, str backend) -> Tensor")
+_LIB.define(
+    "deform_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? kernel_offset, "
+    "Tensor? data_offset, Tensor? mask, SymInt[] kernel_size, SymInt[] stride, "
+    "SymInt[] padding, SymInt[] dilation, SymInt groups, SymInt offset_groups, str backend, "
+    "bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+def _kernel(name: str):
+    """Registers the decorated function as the op's kernel on every device."""
+    def register(fn):
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        return fn
+    return register
+
+
+def _fake(name: str):
+    def register(fn):
+        torch.library.register_fake(f"erftool::{name}", fn, lib=_LIB)
+        return fn
+    return register
+
+
+@_kernel("deform_kernel2d")
+def deform_kernel2d_kernel(input, weight, offset, data_offset, bias, kernel_size, stride,
+                           padding, dilation, groups, offset_groups, backend):
     geom = _geometry(input, weight, kernel_size, stride, padding, dilation, groups,
                      offset_groups, data_offset)
     out = _forward(backend or None, input, weight, offset, data_offset, None, bias, geom)
     return out.contiguous()
 
 
-@deform_kernel2d_op.register_fake
+@_fake("deform_kernel2d")
 def _(input, weight, offset, data_offset, bias, kernel_size, stride, padding, dilation,
       groups, offset_groups, backend):
     out = _args.output_size("erftool", input.shape[2:], kernel_size, stride, padding, dilation)
     return input.new_empty((input.shape[0], weight.shape[0]) + tuple(out))
 
 
-@torch.library.custom_op("erftool::deform_conv2d", mutates_args=())
-def deform_conv2d_op(
-    input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],
-    mask: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
-    backend: str,
-) -> Tensor:
+@_kernel("deform_conv2d")
+def deform_conv2d_kernel(input, offset, weight, bias, mask, stride, padding, dilation, backend):
     geom = _deform_conv_geometry(input, offset, weight, stride, padding, dilation)
     out = _forward(backend or None, input, weight, None, offset, mask, bias, geom)
     return out.contiguous()
@@ -109,7 +141,7 @@ def _deform_conv_geometry(input, offset, weight, stride, padding, dilation):
     return _geometry(input, weight, kernel, stride, padding, dilation, groups, 1, offset)
 
 
-@deform_conv2d_op.register_fake
+@_fake("deform_conv2d")
 def _(input, offset, weight, bias, mask, stride, padding, dilation, backend):
     kernel = (int(weight.shape[2]), int(weight.shape[3]))
     out = _args.output_size("erftool", input.shape[2:], kernel, stride, padding, dilation)
@@ -194,13 +226,10 @@ def _backward(backend, grad_output, input, weight, kernel_offset, data_offset, m
     return list(grads) + [grad_bias]
 
 
-@torch.library.custom_op("erftool::deform_backward", mutates_args=())
-def deform_backward_op(
-    grad_output: Tensor, input: Tensor, weight: Tensor, kernel_offset: Optional[Tensor],
-    data_offset: Optional[Tensor], mask: Optional[Tensor], kernel_size: List[int],
-    stride: List[int], padding: List[int], dilation: List[int], groups: int,
-    offset_groups: int, backend: str, needs: List[bool],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+@_kernel("deform_backward")
+def deform_backward_kernel(grad_output, input, weight, kernel_offset, data_offset, mask,
+                           kernel_size, stride, padding, dilation, groups, offset_groups,
+                           backend, needs) -> Tuple[Tensor, ...]:
     geom = _geometry(input, weight, kernel_size, stride, padding, dilation, groups,
                      offset_groups, data_offset)
     grads = _backward(backend or None, grad_output, input, weight, kernel_offset, data_offset,
@@ -209,7 +238,7 @@ def deform_backward_op(
     return tuple(g.contiguous() if g is not None else input.new_empty(0) for g in grads)
 
 
-@deform_backward_op.register_fake
+@_fake("deform_backward")
 def _(grad_output, input, weight, kernel_offset, data_offset, mask, kernel_size, stride,
       padding, dilation, groups, offset_groups, backend, needs):
     like = (input, weight, kernel_offset, data_offset, mask)
@@ -224,54 +253,93 @@ def _or_none(grad: Tensor, needed: bool) -> Optional[Tensor]:
     return grad if needed else None
 
 
-# deform_kernel2d: inputs (input, weight, offset, data_offset, bias, ...)
-def _dk_setup(ctx, inputs, output):
-    (input, weight, offset, data_offset, bias, kernel_size, stride, padding, dilation,
-     groups, offset_groups, backend) = inputs
-    ctx.save_for_backward(input, weight, offset, data_offset)
-    ctx.config = (kernel_size, stride, padding, dilation, groups, offset_groups, backend)
-    ctx.has_bias = bias is not None
+def _below_autograd(op, args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
-def _dk_backward(ctx, grad_output):
-    input, weight, offset, data_offset = ctx.saved_tensors
-    kernel_size, stride, padding, dilation, groups, offset_groups, backend = ctx.config
-    ni = ctx.needs_input_grad
-    needs = [ni[0], ni[1], ni[2], ni[3] and data_offset is not None, False,
-             ni[4] and ctx.has_bias]
-    g = deform_backward_op(grad_output, input, weight, offset, data_offset, None,
-                           kernel_size, stride, padding, dilation, groups, offset_groups,
-                           backend, needs)
-    return (_or_none(g[0], needs[0]), _or_none(g[1], needs[1]), _or_none(g[2], needs[2]),
-            _or_none(g[3], needs[3]), _or_none(g[5], needs[5]),
-            None, None, None, None, None, None, None)
+def _autograd_kernel(op, function, tensor_args):
+    """The Autograd-key kernel of `op`: through `function` when a gradient can
+    flow, else straight to the kernel below autograd (no graph node)."""
+    def kernel(*args):
+        if torch.is_grad_enabled() and any(
+                args[i] is not None and args[i].requires_grad for i in tensor_args):
+            return function.apply(*args)
+        return _below_autograd(op, args)
+    return kernel
 
 
-deform_kernel2d_op.register_autograd(_dk_backward, setup_context=_dk_setup)
+class _DeformKernel2dFunction(torch.autograd.Function):
+    # inputs (input, weight, offset, data_offset, bias, ...)
+    @staticmethod
+    def forward(ctx, input, weight, offset, data_offset, bias, kernel_size, stride, padding,
+                dilation, groups, offset_groups, backend):
+        out = _below_autograd(torch.ops.erftool.deform_kernel2d.default, (
+            input, weight, offset, data_offset, bias, kernel_size, stride, padding, dilation,
+            groups, offset_groups, backend))
+        ctx.save_for_backward(input, weight, offset, data_offset)
+        ctx.config = (kernel_size, stride, padding, dilation, groups, offset_groups, backend)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, offset, data_offset = ctx.saved_tensors
+        kernel_size, stride, padding, dilation, groups, offset_groups, backend = ctx.config
+        ni = ctx.needs_input_grad
+        needs = [ni[0], ni[1], ni[2], ni[3] and data_offset is not None, False,
+                 ni[4] and ctx.has_bias]
+        g = torch.ops.erftool.deform_backward.default(
+            grad_output, input, weight, offset, data_offset, None, kernel_size, stride,
+            padding, dilation, groups, offset_groups, backend, needs)
+        return (_or_none(g[0], needs[0]), _or_none(g[1], needs[1]), _or_none(g[2], needs[2]),
+                _or_none(g[3], needs[3]), _or_none(g[5], needs[5]),
+                None, None, None, None, None, None, None)
 
 
-# deform_conv2d: inputs (input, offset, weight, bias, mask, ...)
-def _dc_setup(ctx, inputs, output):
-    input, offset, weight, bias, mask, stride, padding, dilation, backend = inputs
-    ctx.save_for_backward(input, offset, weight, mask)
-    ctx.config = (stride, padding, dilation, backend)
-    ctx.has_bias = bias is not None
+class _DeformConv2dFunction(torch.autograd.Function):
+    # inputs (input, offset, weight, bias, mask, ...)
+    @staticmethod
+    def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation, backend):
+        out = _below_autograd(torch.ops.erftool.deform_conv2d.default, (
+            input, offset, weight, bias, mask, stride, padding, dilation, backend))
+        ctx.save_for_backward(input, offset, weight, mask)
+        ctx.config = (stride, padding, dilation, backend)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, offset, weight, mask = ctx.saved_tensors
+        stride, padding, dilation, backend = ctx.config
+        geom = _deform_conv_geometry(input, offset, weight, stride, padding, dilation)
+        ni = ctx.needs_input_grad
+        needs = [ni[0], ni[2], False, ni[1], ni[4] and mask is not None,
+                 ni[3] and ctx.has_bias]
+        g = torch.ops.erftool.deform_backward.default(
+            grad_output, input, weight, None, offset, mask, list(geom.kernel_size), stride,
+            padding, dilation, geom.groups, 1, backend, needs)
+        return (_or_none(g[0], needs[0]), _or_none(g[3], needs[3]), _or_none(g[1], needs[1]),
+                _or_none(g[5], needs[5]), _or_none(g[4], needs[4]), None, None, None, None)
 
 
-def _dc_backward(ctx, grad_output):
-    input, offset, weight, mask = ctx.saved_tensors
-    stride, padding, dilation, backend = ctx.config
-    geom = _deform_conv_geometry(input, offset, weight, stride, padding, dilation)
-    ni = ctx.needs_input_grad
-    needs = [ni[0], ni[2], False, ni[1], ni[4] and mask is not None, ni[3] and ctx.has_bias]
-    g = deform_backward_op(grad_output, input, weight, None, offset, mask,
-                           list(geom.kernel_size), stride, padding, dilation, geom.groups, 1,
-                           backend, needs)
-    return (_or_none(g[0], needs[0]), _or_none(g[3], needs[3]), _or_none(g[1], needs[1]),
-            _or_none(g[5], needs[5]), _or_none(g[4], needs[4]), None, None, None, None)
+def _no_double_backward(*args):
+    """deform_backward is not differentiable (first-order gradients only)."""
+    if torch.is_grad_enabled() and any(
+            isinstance(a, Tensor) and a.requires_grad for a in args):
+        raise RuntimeError(
+            "erftool: double backward through deform_kernel2d / deform_conv2d is not "
+            "supported (first-order gradients only)")
+    return _below_autograd(torch.ops.erftool.deform_backward.default, args)
 
 
-deform_conv2d_op.register_autograd(_dc_backward, setup_context=_dc_setup)
+_LIB.impl("deform_kernel2d", _autograd_kernel(
+    torch.ops.erftool.deform_kernel2d.default, _DeformKernel2dFunction, (0, 1, 2, 3, 4)),
+    "Autograd")
+_LIB.impl("deform_conv2d", _autograd_kernel(
+    torch.ops.erftool.deform_conv2d.default, _DeformConv2dFunction, (0, 1, 2, 3, 4)),
+    "Autograd")
+_LIB.impl("deform_backward", _no_double_backward, "Autograd")
 
 
 def native_module():
