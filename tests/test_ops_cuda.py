@@ -1,12 +1,17 @@
 """CUDA kernels of erftool's native operators.
 
-Checks, on a CUDA device only (the whole module is skipped without one):
+Checks, on a CUDA device (skipped without one):
   * the native CUDA op against the pure-PyTorch reference in float64
     (forward, and every gradient against autograd through the reference);
   * CUDA against the native CPU kernels in float32 and float64;
   * float16 / bfloat16 against float32 within tolerance;
   * torch.autograd.gradcheck in float64 on CUDA through the public operators;
-  * chunking (chunk_bytes), output_mask handling, determinism of the rigid path.
+  * chunking (chunk_bytes), output_mask handling, determinism of the rigid path;
+  * the column build's paths against each other, the global DK's batched
+    products and per-image kernels.
+On any machine with g++ (C++20) and the CUDA headers: the kernels compiled as
+host C++ against the reference (CPU emulation), and the torch glue compiled
+syntax-only against the installed torch's headers.
 
 TF32 is switched off for the whole module (cuBLAS / cuDNN), so that float32
 comparisons measure the kernels rather than reduced-precision GEMMs.
@@ -543,9 +548,10 @@ def _emulation():
     return module
 
 
-# The column build's three paths (deform_kernels.cu): identity (dc_*), registers
-# (scopes up to 4 x 4: local_dk, one_by_one, dk_large_offsets, dk_dc, ...),
-# shared memory (dk_groups_strided, dk_scope_slabs, dk_odd_scope).
+# The column build's three paths (deform_kernels.cu): identity (dc_v1, dc_v2),
+# registers (scopes up to 4 x 4: local_dk, one_by_one, dk_large_offsets, dk_dc,
+# ...), shared memory (dk_groups_strided, dk_scope_slabs, dk_odd_scope); and the
+# depthwise forward (depthwise_*).
 EMULATED = ["local_dk", "centred_dk_rigid", "dk_groups_strided", "dk_large_offsets",
             "dk_scope_slabs", "dk_odd_scope", "dk_mask_rigid", "dc_v1", "dc_v2", "dk_dc",
             "dk_dc_coprime_groups", "one_by_one", "many_channels", "depthwise_dk",
@@ -583,8 +589,8 @@ def test_kernels_under_cpu_emulation(case, column_build, monkeypatch):
 
 
 def test_global_kernels_under_cpu_emulation():
-    """launch_global_kernels (one thread per element) against the CPU op, both
-    layouts, offset groups and non-finite offsets."""
+    """launch_global_kernels (one thread per kernel entry) against the CPU op,
+    both layouts, offset groups and non-finite offsets."""
     import ctypes
 
     emulate = _emulation()
@@ -613,8 +619,8 @@ def test_global_kernels_cuda_matches_cpu(dtype):
     w = torch.randn(8, 4, 4, 4, generator=g).to(dtype)
     off = (1.2 * torch.randn(5, 2 * 2 * 9, generator=g)).to(dtype)
     off[0, 0] = float("nan")
-    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2) \
-        if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    tol = {torch.float64: dict(rtol=0, atol=1e-12), torch.float32: dict(rtol=1e-6, atol=1e-6),
+           torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}[dtype]
     for tap_major in (False, True):
         args = ([3, 3], 2, 2, tap_major)
         got = torch.ops.erftool_native.global_kernels(w.cuda(), off.cuda(), *args)
