@@ -5,6 +5,9 @@ Each resampled kernel row (image, tap, offset group) is a bilinear sample of
 the scope: a weighted sum of four scope cells, over m = (C_out, C_in/groups).
 The native CPU kernel (native/cpu/scope_resample_cpu.cpp) computes exactly
 that; elsewhere, and under autograd, a dense (rows, S) @ (S, M) product does.
+The grouped-convolution form's forward takes its kernels, already laid out as
+the convolution's weights, from erftool_native::global_kernels (one native op
+on every device, instead of the corner and resampling steps).
 The per-image convolution then takes one of two forms, chosen by which
 tensor is larger:
   * a grouped convolution with the batch folded into the groups, when the
@@ -299,14 +302,16 @@ def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor
         return _global_gemm.forward(input, weight, offset, bias, geom)
     n, c, h, w = input.shape
     o = weight.shape[0]
-    corners = _corners(offset, geom.kernel_size, tuple(weight.shape[2:]), geom.offset_groups)
-    rows = _row_groups(weight, geom.groups, geom.offset_groups)
     if chosen == "tapwise":
+        corners = _corners(offset, geom.kernel_size, tuple(weight.shape[2:]), geom.offset_groups)
+        rows = _row_groups(weight, geom.groups, geom.offset_groups)
         acc = _accumulation_dtype(input.dtype)
         out = _tapwise_forward(input.to(acc), weight.to(acc), corners.detach_to(acc), rows, geom)
         out = out.to(input.dtype)
-    else:
-        kernels = _conv_kernels(_resample(weight, corners.permute(0, 2, 1), rows), o, geom)
+    else:  # channel-major kernels are the grouped convolution's weights: one native op
+        kernels = torch.ops.erftool_native.global_kernels(
+            weight.contiguous(), offset.contiguous(), list(geom.kernel_size), geom.groups,
+            geom.offset_groups, False).view(n * o, -1, *geom.kernel_size)
         out = F.conv2d(input.reshape(1, n * c, h, w), kernels, None, geom.stride, geom.padding,
                        geom.dilation, n * geom.groups)
     out = out.reshape(n, o, *geom.out_size)
