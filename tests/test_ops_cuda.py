@@ -112,6 +112,8 @@ CASES = [
          stride=(2, 1)),
     Case("depthwise_dc", C=4, C_out=4, groups=4, scope=(3, 3), kernel_offset=False,
          data_offset=True, mask=True, DG=4),
+    Case("depthwise_many_channels", N=1, C=128, C_out=128, groups=128, H=5, W=6,
+         data_offset=True, mask=True),
 ]
 CASE_IDS = [c.name for c in CASES]
 
@@ -555,7 +557,7 @@ def _emulation():
 EMULATED = ["local_dk", "centred_dk_rigid", "dk_groups_strided", "dk_large_offsets",
             "dk_scope_slabs", "dk_odd_scope", "dk_mask_rigid", "dc_v1", "dc_v2", "dk_dc",
             "dk_dc_coprime_groups", "one_by_one", "many_channels", "depthwise_dk",
-            "depthwise_dk_dc", "depthwise_dc"]
+            "depthwise_dk_dc", "depthwise_dc", "depthwise_many_channels"]
 # Rerun with the shared-memory path forced (ERFTOOL_CUDA_COLUMN_BUILD=shared).
 EMULATED_SHARED = ["local_dk", "dk_large_offsets", "dc_v2", "dk_dc"]
 
@@ -577,7 +579,7 @@ def test_kernels_under_cpu_emulation(case, column_build, monkeypatch):
                            case.G, case.DG)
     expected = reference_forward(case, x, w, ko, do, m)
     expected_grads = reference_grads(case, go, x, w, ko, do, m)
-    if case.name in ("dk_groups_strided", "dk_dc", "many_channels"):
+    if case.name in ("dk_groups_strided", "dk_dc", "many_channels", "depthwise_many_channels"):
         # Pretend to have many multiprocessors: blocks then split channel segments.
         monkeypatch.setenv("ERFTOOL_EMU_SMS", "200")
     for images_per_chunk in ((None, 1) if case.name == "dk_dc" else (None,)):
