@@ -145,15 +145,10 @@ __device__ __forceinline__ void scope_position(const DeformShape& sh,
   *v = math::scope_coordinate<A>(b, sh.kw, sh.scope_w, dv);
 }
 
-// Kernel-side stencil of tap k at column `pos` of image n.
-template <typename scalar_t>
-__device__ __forceinline__ void kernel_side(const DeformShape& sh, const scalar_t* kernel_offset,
-                                            int64_t n, int64_t kg, int64_t k, int64_t P,
-                                            int64_t pos, acc_t<scalar_t>* ly, acc_t<scalar_t>* lx,
-                                            int64_t* idx) {
-  using A = acc_t<scalar_t>;
-  A u, v;
-  scope_position(sh, kernel_offset, n, kg, k, P, pos, &u, &v);
+// Kernel-side stencil of a scope sample at (u, v).
+template <typename A>
+__device__ __forceinline__ void scope_stencil(const DeformShape& sh, A u, A v, A* ly, A* lx,
+                                              int64_t* idx) {
   const math::BilinearCorners<A> c = math::bilinear_corners<A>(u, v, sh.scope_h, sh.scope_w);
   bool any = false;
 #pragma unroll
@@ -165,11 +160,36 @@ __device__ __forceinline__ void kernel_side(const DeformShape& sh, const scalar_
   *lx = any ? frac_part(v) : A(0);
 }
 
+// Kernel-side stencil of tap k at column `pos` of image n.
+template <typename scalar_t>
+__device__ __forceinline__ void kernel_side(const DeformShape& sh, const scalar_t* kernel_offset,
+                                            int64_t n, int64_t kg, int64_t k, int64_t P,
+                                            int64_t pos, acc_t<scalar_t>* ly, acc_t<scalar_t>* lx,
+                                            int64_t* idx) {
+  acc_t<scalar_t> u, v;
+  scope_position(sh, kernel_offset, n, kg, k, P, pos, &u, &v);
+  scope_stencil(sh, u, v, ly, lx, idx);
+}
+
+// The column build's register path (below) keeps a scope of up to
+// kRegScope x kRegScope cells in registers; these are the dense row and
+// column weights of one (position, tap) it reads.
+constexpr int kRegScope = 4;
+
+template <typename A>
+struct ScopeRows {
+  A row[kRegScope];
+  A col[kRegScope];
+};
+
+// Coefficients of the block's 32 positions x K taps; with `rows`, also the
+// register path's dense scope weights of each, from the same scope sample.
 template <typename scalar_t, bool kDeform>
 __device__ void fill_coefficients(const DeformShape& sh, int64_t tile0, int64_t cols, int64_t kg,
                                   int64_t dg, const scalar_t* kernel_offset,
                                   const scalar_t* data_offset, const scalar_t* mask,
-                                  TapCoef<acc_t<scalar_t>>* coef) {
+                                  TapCoef<acc_t<scalar_t>>* coef,
+                                  ScopeRows<acc_t<scalar_t>>* rows = nullptr) {
   using A = acc_t<scalar_t>;
   const int K = sh.kh * sh.kw;
   const int64_t P = sh.Ho * sh.Wo;
@@ -185,13 +205,16 @@ __device__ void fill_coefficients(const DeformShape& sh, int64_t tile0, int64_t 
       t.didx[i] = -1;
       t.kidx[i] = -1;
     }
+    // Beyond the last column: a sample outside the scope, all row weights 0.
+    A u = A(-1), v = A(-1);
     if (col < cols) {
       const int64_t n = col / P, pos = col % P;
       const int64_t y = pos / sh.Wo, x = pos % sh.Wo;
       const int64_t a = k / sh.kw, b = k % sh.kw;
 
       int64_t kidx[4];
-      kernel_side(sh, kernel_offset, n, kg, int64_t(k), P, pos, &t.kly, &t.klx, kidx);
+      scope_position(sh, kernel_offset, n, kg, int64_t(k), P, pos, &u, &v);
+      scope_stencil(sh, u, v, &t.kly, &t.klx, kidx);
 #pragma unroll
       for (int i = 0; i < 4; ++i) t.kidx[i] = static_cast<short>(kidx[i]);
 
@@ -218,6 +241,12 @@ __device__ void fill_coefficients(const DeformShape& sh, int64_t tile0, int64_t 
       if (mask != nullptr) t.m = to_acc(mask[((n * sh.DG + dg) * K + k) * P + pos]);
     }
     coef[e] = t;
+    if (rows != nullptr) {
+      ScopeRows<A> r;
+      math::axis_weights<kRegScope>(math::axis_sample(u, int64_t(sh.scope_h)), sh.scope_h, r.row);
+      math::axis_weights<kRegScope>(math::axis_sample(v, int64_t(sh.scope_w)), sh.scope_w, r.col);
+      rows[e] = r;
+    }
   }
 }
 
@@ -264,36 +293,6 @@ __device__ __forceinline__ acc_t<scalar_t> tap_value(const scalar_t* plane,
 
 enum class ColumnPath { kIdentity, kRegisters, kShared };
 
-constexpr int kRegScope = 4;
-
-// The register path's dense scope weights of one (position, tap).
-template <typename A>
-struct ScopeRows {
-  A row[kRegScope];
-  A col[kRegScope];
-};
-
-template <typename scalar_t>
-__device__ void fill_scope_rows(const DeformShape& sh, int64_t tile0, int64_t cols, int64_t kg,
-                                const scalar_t* kernel_offset,
-                                ScopeRows<acc_t<scalar_t>>* rows) {
-  using A = acc_t<scalar_t>;
-  const int K = sh.kh * sh.kw;
-  const int64_t P = sh.Ho * sh.Wo;
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  for (int e = tid; e < kTileP * K; e += blockDim.x * blockDim.y) {
-    const int64_t col = tile0 + e / K;
-    // Beyond the last column: an axis sample outside the scope, all weights 0.
-    A u = A(-1), v = A(-1);
-    if (col < cols)
-      scope_position(sh, kernel_offset, col / P, kg, int64_t(e % K), P, col % P, &u, &v);
-    ScopeRows<A> r;
-    math::axis_weights<kRegScope>(math::axis_sample(u, int64_t(sh.scope_h)), sh.scope_h, r.row);
-    math::axis_weights<kRegScope>(math::axis_sample(v, int64_t(sh.scope_w)), sh.scope_w, r.col);
-    rows[e] = r;
-  }
-}
-
 // The input channels [begin, end) a block of the column-build grid works on
 // (blockIdx.y: a channel segment, possibly split over several blocks), and
 // that segment's kernel-offset and data-offset groups.
@@ -332,9 +331,8 @@ __global__ void __launch_bounds__(kThreads)
   const BlockChannels ch = block_channels(sh, Cs, splits);
 
   fill_coefficients<scalar_t, kDeform>(sh, tile0, cols, ch.kg, ch.dg, kernel_offset, data_offset,
-                                       mask, coef);
-  if constexpr (kPath == ColumnPath::kRegisters)
-    fill_scope_rows(sh, tile0, cols, ch.kg, kernel_offset, rows);
+                                       mask, coef,
+                                       kPath == ColumnPath::kRegisters ? rows : nullptr);
   __syncthreads();
 
   const int p = threadIdx.x;
