@@ -6,20 +6,22 @@ strided windows, ran 5-50x slower than conv2d, while cuBLAS runs a batch of
 products near the speed of one large one (benchmarks/RESULTS.md).
 
 The columns hold every tap's window of the padded input. Two layouts of the
-same arithmetic, chosen by which extra tensor is smaller:
+same arithmetic:
   * "one_product": im2col's columns and one product per image and group,
-    (C_out/g, C_in/g*K) @ (C_in/g*K, L), with the kernels re-laid
-    channel-major first (a copy of the kernels): when the channels per
-    group are fewer than the output positions;
+    (C_out/g, C_in/g*K) @ (C_in/g*K, L), with channel-major kernels: when
+    the channels per group are fewer than the output positions;
   * "tap_sums": the windows gathered tap-major in one strided copy, one
     product per image, group and tap, (C_out/g, C_in/g) @ (C_in/g, L), and
-    the K partial outputs summed afterwards (in float32 for the half types):
-    no copy of the kernels, which then outweigh the image.
+    the K partial outputs summed afterwards (in float32 for the half types),
+    with tap-major kernels: otherwise (many channels on a small map).
 On an H100 (fp32, N 32, ResNet-stage shapes) the rule picked the faster
 layout at all four shapes in one call and at three in the next, where the
-two differed by 5-15 % (host-bound timings). A third layout, per-tap
-products reading the padded input in place (no gathered copy), was slower
-than both at all four shapes and was dropped.
+two differed by 5-15 % (host-bound timings). The one-product layout then
+also paid a re-layout copy of the kernels, which global_kernels (below) no
+longer needs, so the rule is due for a re-measurement (bench_gpu.py
+--global-forms times both). A third layout, per-tap products reading the
+padded input in place (no gathered copy), was slower than both at all four
+shapes and was dropped.
 Both passes are native (native/composite/global_gemm.cpp: ATen operations
 issued from C++, for host time). Each chunk's kernels come from one native
 kernel per device (erftool_native::global_kernels: a bilinear sample per
@@ -43,6 +45,7 @@ from torch import Tensor
 
 from . import _args, _native
 from . import _global_kernel as gk
+
 
 def layout(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
     """Which layout the forward takes (see above)."""

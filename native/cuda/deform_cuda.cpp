@@ -373,9 +373,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_ba
             // depthwise layer is one per channel), grad_out re-laid once as
             // (groups, C_out/groups, cur*P).
             const at::Tensor go_chunk = go.narrow(0, n0, cur);
-            const at::Tensor go_g = (cur == 1 ? go_chunk.select(0, 0).view({pb.C_out, P})
-                                              : go_chunk.transpose(0, 1).reshape({pb.C_out, cols}))
-                                        .view({pb.groups, Og, cols});
+            const at::Tensor go_g =
+                go_chunk.transpose(0, 1).reshape({pb.groups, Og, cols});  // a view when cur == 1
             if (need_gcols) {
               at::Tensor dst = gcols.view({pb.groups, Rg, cols});
               at::bmm_out(dst, w2.view({pb.groups, Og, Rg}).transpose(1, 2), go_g);
