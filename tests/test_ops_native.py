@@ -166,10 +166,19 @@ def test_double_backward_raises_a_clear_error(case):
         torch.autograd.grad(out.sum(), tensors["input"], create_graph=True)
 
 
-def test_no_graph_without_gradients():
-    # Under no_grad, or with no input requiring grad, the op leaves no autograd node.
+def test_autograd_function_only_when_a_gradient_can_flow(monkeypatch):
+    # Under no_grad, or with no input requiring grad, the Autograd-key kernel
+    # goes straight to the kernel (no autograd.Function, no graph node).
+    from erftool.ops import _custom_ops
+
+    def refuse(*args):
+        raise AssertionError("autograd.Function used without gradients")
+
+    monkeypatch.setattr(_custom_ops._DeformKernel2dFunction, "apply", refuse)
     case = CASES[0]
     tensors = case.make(torch.float32)
     assert case.call(tensors).grad_fn is None
     with torch.no_grad():
         assert case.call({k: v.requires_grad_() for k, v in tensors.items()}).grad_fn is None
+    with pytest.raises(AssertionError, match="without gradients"):
+        case.call(tensors)  # now some inputs require grad: the Function is used
