@@ -53,6 +53,12 @@ TORCH_LIBRARY(erftool_native, m) {
   m.def(
       "global_kernels(Tensor weight, Tensor offset, int[2] kernel_size, int groups, "
       "int offset_groups, bool tap_major) -> Tensor");
+  // Its gradients (weight, offset) from that of the kernels (same layout);
+  // undefined where output_mask is false.
+  m.def(
+      "global_kernels_backward(Tensor grad_kernels, Tensor weight, Tensor offset, "
+      "int[2] kernel_size, int groups, int offset_groups, bool tap_major, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
   // Global Deformable Kernel forward as batched matrix products, any device
   // (composite/global_gemm.cpp); layout "one_product" or "tap_sums". Bias is
   // added by the caller.

@@ -227,6 +227,11 @@ def test_gemm_form_passes_opcheck(gemm_form, monkeypatch, layout):
         x.detach(), w.detach(), off.detach(), [3, 3], [1, 1], [1, 1], [1, 1], 2, 2, layout, 2))
     torch.library.opcheck(torch.ops.erftool_native.global_kernels.default, (
         w.detach(), off.detach(), [3, 3], 2, 2, layout == "tap_sums"))
+    kernels = torch.ops.erftool_native.global_kernels(w.detach(), off.detach(), [3, 3], 2, 2,
+                                                      layout == "tap_sums")
+    torch.library.opcheck(torch.ops.erftool_native.global_kernels_backward.default, (
+        torch.randn_like(kernels), w.detach(), off.detach(), [3, 3], 2, 2, layout == "tap_sums",
+        [True, True]))
 
 
 @pytest.mark.parametrize("layout", ["one_product", "tap_sums"])
@@ -336,3 +341,32 @@ def test_native_global_kernels_match_the_oracle(case, tap_major):
         expected = expected.permute(0, 3, 1, 2)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("tap_major", [False, True], ids=["channel_major", "tap_major"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"o{c[0]}cg{c[1]}g{c[2]}G{c[3]}")
+def test_native_global_kernels_backward_matches_autograd_of_the_oracle(case, tap_major):
+    # The weight and offset gradients of erftool_native::global_kernels against
+    # autograd through reference.resample_kernel; samples outside the scope,
+    # NaN and infinite offsets get zero gradient.
+    assert _native.load_native() is not None, _native.native_error()
+    o, cg, groups, offset_groups, kernel, scope = case
+    g = torch.Generator().manual_seed(18)
+    w = torch.randn(o, cg, *scope, dtype=torch.float64, generator=g).requires_grad_()
+    off = 1.5 * torch.randn(3, 2 * offset_groups * kernel[0] * kernel[1], dtype=torch.float64,
+                            generator=g)
+    off[0, 0], off[1, 3], off[2, 1], off[2, 2] = float("nan"), float("inf"), -1e30, 0.5
+    off.requires_grad_()
+    oracle = reference.resample_kernel(w, off, kernel, offset_groups, groups).flatten(3)
+    grad = torch.randn(oracle.shape, dtype=torch.float64, generator=g)
+    expected = torch.autograd.grad(oracle, (w, off), grad)
+    if tap_major:
+        grad = grad.permute(0, 3, 1, 2).contiguous()
+    args = (w.detach(), off.detach(), list(kernel), groups, offset_groups, tap_major)
+    got = torch.ops.erftool_native.global_kernels_backward(grad, *args, [True, True])
+    for name, a, b in zip(("weight", "offset"), got, expected):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, torch.nan_to_num(b), rtol=0, atol=1e-11, msg=name)
+    only_offset = torch.ops.erftool_native.global_kernels_backward(grad, *args, [False, True])
+    assert only_offset[0] is None
+    torch.testing.assert_close(only_offset[1], got[1], rtol=0, atol=0)

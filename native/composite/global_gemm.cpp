@@ -286,6 +286,17 @@ at::Tensor global_kernels_meta(const at::Tensor& weight, const at::Tensor& offse
       weight, global_kernel_shape(weight, offset, kernel_size, groups, offset_groups), tap_major);
 }
 
+std::tuple<at::Tensor, at::Tensor> global_kernels_backward_meta(
+    const at::Tensor& grad_kernels, const at::Tensor& weight, const at::Tensor& offset,
+    at::IntArrayRef kernel_size, int64_t groups, int64_t offset_groups, bool tap_major,
+    std::array<bool, 2> output_mask) {
+  check_grad_kernels(grad_kernels, weight,
+                     global_kernel_shape(weight, offset, kernel_size, groups, offset_groups),
+                     tap_major);
+  return {output_mask[0] ? at::empty_like(weight, at::MemoryFormat::Contiguous) : at::Tensor(),
+          output_mask[1] ? at::empty_like(offset, at::MemoryFormat::Contiguous) : at::Tensor()};
+}
+
 }  // namespace
 }  // namespace erftool
 
@@ -298,4 +309,5 @@ TORCH_LIBRARY_IMPL(erftool_native, Meta, m) {
   m.impl("global_gemm_forward", &erftool::global_gemm_forward_meta);
   m.impl("global_gemm_backward", &erftool::global_gemm_backward_meta);
   m.impl("global_kernels", &erftool::global_kernels_meta);
+  m.impl("global_kernels_backward", &erftool::global_kernels_backward_meta);
 }

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #include <erftool/deform_math.h>
 
 namespace erftool {
@@ -32,11 +34,28 @@ inline math::GlobalKernelShape global_kernel_shape(const at::Tensor& weight,
 }
 
 // (N, C_out, C_in/groups, K) or, tap-major, (N, K, C_out, C_in/groups).
+inline std::vector<int64_t> global_kernels_sizes(const math::GlobalKernelShape& s,
+                                                 bool tap_major) {
+  const int64_t taps = s.kh * s.kw;
+  return tap_major ? std::vector<int64_t>{s.n, taps, s.c_out, s.cg}
+                   : std::vector<int64_t>{s.n, s.c_out, s.cg, taps};
+}
+
 inline at::Tensor empty_global_kernels(const at::Tensor& weight, const math::GlobalKernelShape& s,
                                        bool tap_major) {
-  const int64_t taps = s.kh * s.kw;
-  return tap_major ? at::empty({s.n, taps, s.c_out, s.cg}, weight.options())
-                   : at::empty({s.n, s.c_out, s.cg, taps}, weight.options());
+  return at::empty(global_kernels_sizes(s, tap_major), weight.options());
+}
+
+// The gradient of global_kernels' output: its shape, dtype and device.
+inline void check_grad_kernels(const at::Tensor& grad_kernels, const at::Tensor& weight,
+                               const math::GlobalKernelShape& s, bool tap_major) {
+  const std::vector<int64_t> sizes = global_kernels_sizes(s, tap_major);
+  TORCH_CHECK(grad_kernels.sizes() == at::IntArrayRef(sizes),
+              "global_kernels_backward: grad_kernels must be ", at::IntArrayRef(sizes), ", got ",
+              grad_kernels.sizes());
+  TORCH_CHECK(grad_kernels.scalar_type() == weight.scalar_type() &&
+                  grad_kernels.device() == weight.device(),
+              "global_kernels_backward: grad_kernels and weight must share dtype and device");
 }
 
 }  // namespace erftool
