@@ -613,6 +613,39 @@ def test_global_kernels_under_cpu_emulation():
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
+def test_global_kernels_backward_under_cpu_emulation():
+    """launch_global_kernels_backward (a thread per scope cell, a block per
+    sample) against the CPU op: both layouts, offset groups, non-finite
+    offsets, and each gradient alone."""
+    import ctypes
+
+    emulate = _emulation()
+    lib = emulate.load()
+    assert _native.load_native() is not None, _native.native_error()
+    g = torch.Generator().manual_seed(23)
+    o, cg, groups, offset_groups, (kh, kw), (sh, sw) = 6, 4, 2, 4, (3, 2), (4, 5)
+    w = torch.randn(o, cg, sh, sw, dtype=torch.float64, generator=g)
+    off = 1.5 * torch.randn(3, 2 * offset_groups * kh * kw, dtype=torch.float64, generator=g)
+    off[0, 0], off[1, 5], off[2, 2] = float("nan"), float("-inf"), 1.0  # 1.0: an integer sample
+    shape = (ctypes.c_long * 9)(3, o, cg, groups, offset_groups, kh, kw, sh, sw)
+    for tap_major in (False, True):
+        kernels = torch.ops.erftool_native.global_kernels(w, off, [kh, kw], groups,
+                                                          offset_groups, tap_major)
+        grad = torch.randn(kernels.shape, dtype=torch.float64, generator=g)
+        expected = torch.ops.erftool_native.global_kernels_backward(
+            grad, w, off, [kh, kw], groups, offset_groups, tap_major, [True, True])
+        for mask in ((True, True), (True, False), (False, True)):
+            got = [torch.full_like(t, float("nan")) for t in expected]
+            pointers = [emulate._ptr(t) if wanted else None for t, wanted in zip(got, mask)]
+            assert lib.kernels_backward_f64(shape, int(tap_major), emulate._ptr(grad),
+                                            emulate._ptr(w), emulate._ptr(off), *pointers) == 0
+            for t, e, wanted in zip(got, expected, mask):
+                if wanted:
+                    torch.testing.assert_close(t, e, rtol=0, atol=1e-12)
+                else:
+                    assert torch.isnan(t).all()  # not written
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=["f64", "f32", "bf16"])
@@ -628,6 +661,27 @@ def test_global_kernels_cuda_matches_cpu(dtype):
         got = torch.ops.erftool_native.global_kernels(w.cuda(), off.cuda(), *args)
         torch.testing.assert_close(got.cpu(), torch.ops.erftool_native.global_kernels(
             w, off, *args), **tol)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["f64", "f32", "bf16"])
+def test_global_kernels_backward_cuda_matches_cpu(dtype):
+    g = torch.Generator().manual_seed(24)
+    w = torch.randn(8, 4, 4, 4, generator=g).to(dtype)
+    off = (1.2 * torch.randn(5, 2 * 2 * 9, generator=g)).to(dtype)
+    off[0, 0] = float("nan")
+    tol = {torch.float64: dict(rtol=0, atol=1e-11), torch.float32: dict(rtol=1e-5, atol=1e-5),
+           torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}[dtype]
+    for tap_major in (False, True):
+        args = ([3, 3], 2, 2, tap_major, [True, True])
+        grad = torch.randn(torch.ops.erftool_native.global_kernels(w, off, *args[:-1]).shape,
+                           generator=g).to(dtype)
+        got = torch.ops.erftool_native.global_kernels_backward(grad.cuda(), w.cuda(), off.cuda(),
+                                                               *args)
+        expected = torch.ops.erftool_native.global_kernels_backward(grad, w, off, *args)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a.cpu(), b, **tol)
 
 
 # ------------------------------------------------------------------ torch glue

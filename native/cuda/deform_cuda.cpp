@@ -468,10 +468,42 @@ at::Tensor global_kernels_cuda(const at::Tensor& weight, const at::Tensor& offse
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> global_kernels_backward_cuda(
+    const at::Tensor& grad_kernels, const at::Tensor& weight, const at::Tensor& offset,
+    at::IntArrayRef kernel_size, int64_t groups, int64_t offset_groups, bool tap_major,
+    std::array<bool, 2> output_mask) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const erftool::math::GlobalKernelShape shape =
+      erftool::global_kernel_shape(weight, offset, kernel_size, groups, offset_groups);
+  erftool::check_grad_kernels(grad_kernels, weight, shape, tap_major);
+  const at::Tensor g = grad_kernels.contiguous(), w = weight.contiguous();
+  const at::Tensor off = offset.contiguous();
+  at::Tensor grad_weight, grad_offset;
+  if (output_mask[0]) grad_weight = at::empty_like(w);
+  if (output_mask[1]) grad_offset = at::empty_like(off);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "erftool_global_kernels_backward_cuda",
+      [&] {
+        using cu_t = typename CudaType<scalar_t>::type;
+        auto out = [](at::Tensor& t) {
+          return t.defined() ? reinterpret_cast<cu_t*>(t.data_ptr()) : nullptr;
+        };
+        check_launch(ek::launch_global_kernels_backward<cu_t>(
+                         shape, tap_major, reinterpret_cast<const cu_t*>(g.const_data_ptr()),
+                         reinterpret_cast<const cu_t*>(w.const_data_ptr()),
+                         reinterpret_cast<const cu_t*>(off.const_data_ptr()), out(grad_weight),
+                         out(grad_offset), stream),
+                     "global_kernels_backward");
+      });
+  return {grad_weight, grad_offset};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(erftool_native, CUDA, m) {
   m.impl("deform_forward", &deform_forward_cuda);
   m.impl("deform_backward", &deform_backward_cuda);
   m.impl("global_kernels", &global_kernels_cuda);
+  m.impl("global_kernels_backward", &global_kernels_backward_cuda);
 }

@@ -660,6 +660,83 @@ __global__ void global_kernels_kernel(math::GlobalKernelShape shape, bool tap_ma
   }
 }
 
+// Backward of global_kernels_kernel, scope-weight part: one thread per scope
+// cell of each kernel entry (o, c, cell), summing over images and taps the
+// kernel gradient times the weight that cell carried in the sample
+// (deterministic: no atomics). Each thread recomputes the corners it needs:
+// a few dozen operations each, where a shared table would bound the batch.
+template <typename scalar_t>
+__global__ void global_kernels_weight_grad_kernel(math::GlobalKernelShape shape, bool tap_major,
+                                                  int64_t total,
+                                                  const scalar_t* __restrict__ grad,
+                                                  const scalar_t* __restrict__ offset,
+                                                  scalar_t* __restrict__ grad_weight) {
+  using A = acc_t<scalar_t>;
+  const auto load_offset = [offset](int64_t i) { return to_acc(offset[i]); };
+  const int64_t cells = shape.scope_h * shape.scope_w;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t cell = e % cells, c = e / cells % shape.cg, o = e / (cells * shape.cg);
+    const int64_t g = math::global_kernel_group(shape, o, c);
+    A sum = A(0);
+    for (int64_t n = 0; n < shape.n; ++n)
+      for (int64_t k = 0; k < shape.kh * shape.kw; ++k) {
+        const A w = math::corner_cell_weight(
+            math::global_kernel_corners<A>(shape, n, g, k, load_offset), cell);
+        if (w != A(0))
+          sum += w * to_acc(grad[math::global_kernel_index(shape, tap_major, n, o, c, k)]);
+      }
+    grad_weight[e] = from_acc<scalar_t>(sum);
+  }
+}
+
+// Offset part: one block per sample (image, offset group, tap), whose threads
+// stride over the kernel entries of that group (kernel gradient times the
+// sample's slopes), then add their sums in a fixed tree in shared memory.
+// blockDim.x is a power of two.
+template <typename scalar_t>
+__global__ void global_kernels_offset_grad_kernel(math::GlobalKernelShape shape, bool tap_major,
+                                                  const scalar_t* __restrict__ grad,
+                                                  const scalar_t* __restrict__ weight,
+                                                  const scalar_t* __restrict__ offset,
+                                                  scalar_t* __restrict__ grad_offset) {
+  using A = acc_t<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  A* sums = reinterpret_cast<A*>(smem);  // (2, blockDim.x): rows, then columns
+  const auto load_weight = [weight](int64_t i) { return to_acc(weight[i]); };
+  const auto load_offset = [offset](int64_t i) { return to_acc(offset[i]); };
+  const int64_t taps = shape.kh * shape.kw, sample = blockIdx.x;
+  const int64_t n = sample / (shape.offset_groups * taps), g = sample / taps % shape.offset_groups;
+  const int64_t k = sample % taps;
+  const math::BilinearCorners<A> corners =
+      math::global_kernel_corners<A>(shape, n, g, k, load_offset);
+  A sy = A(0), sx = A(0);
+  for (int64_t e = threadIdx.x; e < shape.c_out * shape.cg; e += blockDim.x) {
+    const int64_t c = e % shape.cg, o = e / shape.cg;
+    if (math::global_kernel_group(shape, o, c) != g) continue;
+    A dy, dx;
+    math::global_kernel_slopes(shape, corners, o, c, load_weight, &dy, &dx);
+    const A gk = to_acc(grad[math::global_kernel_index(shape, tap_major, n, o, c, k)]);
+    sy += gk * dy;
+    sx += gk * dx;
+  }
+  const unsigned t = threadIdx.x, width = blockDim.x;
+  sums[t] = sy;
+  sums[width + t] = sx;
+  __syncthreads();
+  for (unsigned half = width / 2; half > 0; half /= 2) {
+    if (t < half) {
+      sums[t] += sums[t + half];
+      sums[width + t] += sums[width + t + half];
+    }
+    __syncthreads();
+  }
+  if (t == 0) {
+    grad_offset[sample * 2] = from_acc<scalar_t>(sums[0]);
+    grad_offset[sample * 2 + 1] = from_acc<scalar_t>(sums[width]);
+  }
+}
+
 template <typename scalar_t>
 __global__ void cast_kernel(const acc_t<scalar_t>* __restrict__ src, scalar_t* __restrict__ dst,
                             int64_t n) {
@@ -968,6 +1045,37 @@ cudaError_t launch_global_kernels(const math::GlobalKernelShape& shape, bool tap
 }
 
 template <typename scalar_t>
+cudaError_t launch_global_kernels_backward(const math::GlobalKernelShape& shape, bool tap_major,
+                                           const scalar_t* grad, const scalar_t* weight,
+                                           const scalar_t* offset, scalar_t* grad_weight,
+                                           scalar_t* grad_offset, cudaStream_t stream) {
+  if (shape.groups <= 0 || shape.offset_groups <= 0 || shape.c_out % shape.groups != 0 ||
+      (shape.groups * shape.cg) % shape.offset_groups != 0 || shape.kh * shape.kw <= 0)
+    return cudaErrorInvalidValue;
+  DeviceInfo info;
+  cudaError_t err = device_info(&info);
+  if (err != cudaSuccess) return err;
+  const int64_t total = shape.c_out * shape.cg * shape.scope_h * shape.scope_w;
+  if (grad_weight != nullptr && total > 0) {
+    const auto kernel = global_kernels_weight_grad_kernel<scalar_t>;
+    kernel<<<elementwise_blocks(total, info), 256, 0, stream>>>(shape, tap_major, total, grad,
+                                                                offset, grad_weight);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t samples = shape.n * shape.offset_groups * shape.kh * shape.kw;
+  if (grad_offset != nullptr && samples > 0) {
+    unsigned threads = 32;  // a power of two, up to 256, no wider than the entries
+    while (threads < 256 && threads < shape.c_out * shape.cg) threads *= 2;
+    const auto kernel = global_kernels_offset_grad_kernel<scalar_t>;
+    kernel<<<static_cast<unsigned>(samples), threads, 2 * threads * sizeof(acc_t<scalar_t>),
+             stream>>>(shape, tap_major, grad, weight, offset, grad_offset);
+    err = cudaGetLastError();
+  }
+  return err;
+}
+
+template <typename scalar_t>
 cudaError_t launch_cast(const acc_t<scalar_t>* src, scalar_t* dst, int64_t n,
                         cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
@@ -993,6 +1101,9 @@ cudaError_t launch_cast(const acc_t<scalar_t>* src, scalar_t* dst, int64_t n,
                                                  const acc_t<T>*, T*, cudaStream_t);             \
   template cudaError_t launch_global_kernels<T>(const math::GlobalKernelShape&, bool,            \
                                                 const T*, const T*, T*, cudaStream_t);           \
+  template cudaError_t launch_global_kernels_backward<T>(const math::GlobalKernelShape&, bool,   \
+                                                         const T*, const T*, const T*, T*, T*,  \
+                                                         cudaStream_t);                         \
   template cudaError_t launch_cast<T>(const acc_t<T>*, T*, int64_t, cudaStream_t);
 
 ERFTOOL_INSTANTIATE(float)

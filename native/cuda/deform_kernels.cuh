@@ -144,6 +144,15 @@ cudaError_t launch_global_kernels(const math::GlobalKernelShape& shape, bool tap
                                   const scalar_t* weight, const scalar_t* offset, scalar_t* out,
                                   cudaStream_t stream);
 
+// (d') Its gradients from grad (same layout as out): grad_weight (C_out,
+// C_in/groups, S_h, S_w) and grad_offset (N, 2*G*K), each skipped when null;
+// one thread per scope cell of each entry, one block per sample.
+template <typename scalar_t>
+cudaError_t launch_global_kernels_backward(const math::GlobalKernelShape& shape, bool tap_major,
+                                           const scalar_t* grad, const scalar_t* weight,
+                                           const scalar_t* offset, scalar_t* grad_weight,
+                                           scalar_t* grad_offset, cudaStream_t stream);
+
 // (c2) dst[i] = scalar_t(src[i]) for i < n.
 template <typename scalar_t>
 cudaError_t launch_cast(const acc_t<scalar_t>* src, scalar_t* dst, int64_t n,

@@ -51,6 +51,13 @@ static DeformShape mk(const long* p) {
                                              p[8]};                                             \
     return launch_global_kernels<T>(s, tap_major != 0, w, off, out, nullptr);                  \
   }                                                                                            \
+  extern "C" int kernels_backward_##S(const long* p, int tap_major, const T* grad, const T* w, \
+                                      const T* off, T* gw, T* goff) {                          \
+    const erftool::math::GlobalKernelShape s{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],   \
+                                             p[8]};                                             \
+    return launch_global_kernels_backward<T>(s, tap_major != 0, grad, w, off, gw, goff,        \
+                                             nullptr);                                          \
+  }                                                                                            \
   extern "C" int reduce_##S(long nb, long U, long G, long J, long P, const acc_t<T>* part,     \
                             T* out) {                                                          \
     return launch_reduce_segments<T>(nb, U, G, J, P, part, out, nullptr);                      \
