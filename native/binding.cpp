@@ -67,11 +67,10 @@ TORCH_LIBRARY(erftool_native, m) {
       "int[2] stride, int[2] padding, int[2] dilation, int groups, int offset_groups, "
       "str layout, int images_per_chunk) -> Tensor");
   // Its gradients (input, weight, offset); undefined where output_mask is
-  // false. row_groups: the offset group of every kernel row (o, c), or None
-  // with one group.
+  // false.
   m.def(
       "global_gemm_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, "
-      "Tensor? row_groups, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, int offset_groups, int images_per_chunk, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -256,7 +256,7 @@ def test_gemm_form_non_finite_offsets_contribute_nothing(gemm_form, monkeypatch,
 @pytest.mark.parametrize("scope", [(4, 4), (3, 3), (4, 3), (3, 5)])
 def test_gemm_form_offset_gradient_at_cell_boundaries(gemm_form, scope):
     # Offsets that put samples exactly on cells, on the scope's edges (-1, S - 1)
-    # and just outside: the tents' slopes must match the floor-based corners
+    # and just outside: the native backward's slopes must match the floor-based corners
     # of the reference there (one-sided), not a symmetric subgradient.
     g = torch.Generator().manual_seed(11)
     values = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.5], dtype=torch.float64)
@@ -297,7 +297,6 @@ def test_gemm_native_ops_in_bfloat16_track_float32(layout, groups, offset_groups
     x = torch.randn(3, 8, 7, 6, generator=g)
     w = torch.randn(6, 8 // groups, 4, 5, generator=g)
     off = 0.8 * torch.randn(3, 2 * offset_groups * 6, generator=g)
-    rows = _global_kernel._row_groups(w, groups, offset_groups)
     geometry = ([3, 2], [1, 1], [1, 0], [1, 2], groups, offset_groups)
     low = [t.bfloat16() for t in (x, w, off)]
     ref = [t.float() for t in low]  # the same rounded inputs
@@ -310,7 +309,7 @@ def test_gemm_native_ops_in_bfloat16_track_float32(layout, groups, offset_groups
     assert out[0].dtype == torch.bfloat16 and rel(*out) < 1e-2
     grad = torch.randn(out[1].shape, generator=g).bfloat16()
     grads = [torch.ops.erftool_native.global_gemm_backward(
-        gr, *t, rows, *geometry, 1, [True] * 3) for t, gr in ((low, grad), (ref, grad.float()))]
+        gr, *t, *geometry, 1, [True] * 3) for t, gr in ((low, grad), (ref, grad.float()))]
     for a, b in zip(*grads):
         assert a.dtype == torch.bfloat16 and rel(a, b) < 1e-2
 

@@ -25,14 +25,15 @@ shapes and was dropped.
 Both passes are native (native/composite/global_gemm.cpp: ATen operations
 issued from C++, for host time). Each chunk's kernels come from one native
 kernel per device (erftool_native::global_kernels: a bilinear sample per
-element, in either layout); the weight and offset gradients draw the scope
-coefficients densely as tents, max(0, 1 - |p - i|) per axis, whose slopes
-give the offset gradient. The backward uses the one-product layout: two
-batched products per chunk, the input gradient summed back from its
-columns by col2im. (After the H100 calls: im2col and col2im replaced a
-strided gather and per-tap window additions, and global_kernels about
-fifteen small operations (the tents, their product, a matrix product, a
-re-layout); not yet timed on a GPU.)
+element, in either layout), and the weight and offset gradients from the
+kernel gradient through its backward (erftool_native::global_kernels_backward:
+the corners' weights and slopes, no dense coefficients). The backward uses
+the one-product layout: two batched products per chunk, the input gradient
+summed back from its columns by col2im. (After the H100 calls: im2col and
+col2im replaced a strided gather and per-tap window additions, and the two
+native ops about fifteen small operations each way (dense per-axis "tents"
+of coefficients and slopes, their products, re-layouts); not yet timed on a
+GPU.)
 Images go in chunks that keep the columns and kernels under _native.chunk_bytes()
 (ERFTOOL_CHUNK_MB, 256 by default), as the local DK's columns.
 """
@@ -44,7 +45,6 @@ import torch
 from torch import Tensor
 
 from . import _args, _native
-from . import _global_kernel as gk
 
 
 def layout(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
@@ -78,7 +78,6 @@ def backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Tensor,
     """Gradients (input, weight, offset), None where needs says so."""
     grads = torch.ops.erftool_native.global_gemm_backward(
         grad_output.contiguous(), input.contiguous(), weight.contiguous(), offset.contiguous(),
-        gk._row_groups(weight, geom.groups, geom.offset_groups), list(geom.kernel_size),
-        list(geom.stride), list(geom.padding), list(geom.dilation), geom.groups,
-        geom.offset_groups, _images_per_chunk(input, weight, geom), list(needs))
+        list(geom.kernel_size), list(geom.stride), list(geom.padding), list(geom.dilation),
+        geom.groups, geom.offset_groups, _images_per_chunk(input, weight, geom), list(needs))
     return list(grads)

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# _global_gemm uses this module's helpers, at call time only.
 from . import _args, _global_gemm, _native, reference
 
 

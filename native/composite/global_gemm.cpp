@@ -23,75 +23,6 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype) {
   return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
 }
 
-// Per-axis bilinear weights of every scope cell for every tap's sample. On
-// each axis the weight of cell i for a sample at y is the tent
-// max(0, 1 - |y - i|): zero for cells outside the scope and for every cell
-// when y <= -1 or y >= S. Non-finite offsets are moved outside first. The
-// slopes d weight / d y are those of the floor-based corners of the other
-// backends: cell floor(y) -1 and cell floor(y) + 1 +1, also at integer y
-// (one-sided), and 0 for a sample outside the scope on that axis.
-struct Tents {
-  at::Tensor wy, wx;  // (N, G, kh, kw, S_h), (N, G, kh, kw, S_w)
-  at::Tensor dy, dx;  // slopes, same shapes (only when asked for)
-};
-
-// Both axes in the same few operations (each one a kernel launch on a GPU,
-// where the host time of such small operations is what this form spends most),
-// over max(S_h, S_w) cells.
-Tents scope_tents(const at::Tensor& offset, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
-                  int64_t offset_groups, bool slopes) {
-  const int64_t cells = std::max(sh, sw);
-  const double far = -2.0 * static_cast<double>(cells + std::max(kh, kw));
-  const at::Tensor pos = offset.to(accumulation_dtype(offset.scalar_type()))
-                             .reshape({offset.size(0), offset_groups, kh, kw, 2})
-                             .nan_to_num(far, far, far);
-  const auto opts = pos.options();
-  const at::Tensor cell = at::arange(cells, opts);
-  // (taps, cells): tap t's centred position t + (S - K)/2 minus cell i.
-  auto gaps = [&](int64_t taps, int64_t scope) {
-    return at::arange(taps, opts).view({taps, 1}).sub(cell)
-        .add_(static_cast<double>(scope - taps) / 2);
-  };
-  const at::Tensor gap = at::stack({gaps(kh, sh).view({kh, 1, cells}).expand({kh, kw, cells}),
-                                    gaps(kw, sw).view({1, kw, cells}).expand({kh, kw, cells})},
-                                   2);                  // (kh, kw, 2, cells)
-  const at::Tensor d = pos.unsqueeze(-1).add(gap);       // (N, G, kh, kw, 2, cells): y - i
-  const at::Tensor w = at::rsub(d.abs(), 1).clamp_min_(0);  // 1 - |y - i|, at least 0
-  Tents t;  // each axis keeps its own cells: those past its scope are cut off
-  t.wy = w.select(4, 0).narrow(-1, 0, sh);
-  t.wx = w.select(4, 1).narrow(-1, 0, sw);
-  if (slopes) {
-    // Inside the scope on an axis: y > -1 (cell 0) and y < S (cell S - 1).
-    const at::Tensor last = sh == sw ? d.select(-1, cells - 1)
-                                     : at::stack({d.select(4, 0).select(-1, sh - 1),
-                                                  d.select(4, 1).select(-1, sw - 1)}, -1);
-    const at::Tensor inside = d.select(-1, 0).gt(-1).logical_and_(last.lt(1));
-    const at::Tensor near =
-        d.ge(-1).logical_and_(d.lt(1)).logical_and_(inside.unsqueeze(-1));
-    // +1 for the cell above y (y - i in [-1, 0)), -1 for the one at or below it.
-    const at::Tensor slope = d.ge(0).to(pos.scalar_type()).mul_(-2).add_(1).mul_(near);
-    t.dy = slope.select(4, 0).narrow(-1, 0, sh);
-    t.dx = slope.select(4, 1).narrow(-1, 0, sw);
-  }
-  return t;
-}
-
-// (N, G, K, S_h*S_w): the bilinear weight of every scope cell for every tap.
-at::Tensor coefficients(const Tents& t) {
-  const auto s = t.wy.sizes();
-  return t.wy.unsqueeze(-1).mul(t.wx.unsqueeze(-2))
-      .reshape({s[0], s[1], s[2] * s[3], s[4] * t.wx.size(-1)});
-}
-
-// Offset gradient (N, 2*G*K) from that of the coefficients (N, G, K, S).
-at::Tensor offset_gradient(const Tents& t, const at::Tensor& grad_coef) {
-  const at::Tensor g = grad_coef.view({t.wy.size(0), t.wy.size(1), t.wy.size(2), t.wy.size(3),
-                                       t.wy.size(4), t.wx.size(4)});
-  const at::Tensor rows = g.mul(t.wx.unsqueeze(-2)).sum(-1).mul_(t.dy).sum(-1);
-  const at::Tensor cols = g.mul(t.wy.unsqueeze(-1)).sum(-2).mul_(t.dx).sum(-1);
-  return at::stack({rows, cols}, -1).reshape({t.wy.size(0), -1});
-}
-
 // Per-image kernels of `offset`'s images (erftool_native::global_kernels:
 // one kernel per device, where the composition of small ATen operations it
 // replaced spent most of this form's host time on a GPU), channel-major
@@ -104,6 +35,22 @@ at::Tensor per_image_kernels(const at::Tensor& weight, const at::Tensor& offset,
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                                at::IntArrayRef, int64_t, int64_t, bool)>();
   return op.call(weight, offset, kernel_size, groups, offset_groups, tap_major);
+}
+
+// Gradients (weight, offset) of per_image_kernels from that of its
+// channel-major output (erftool_native::global_kernels_backward).
+std::tuple<at::Tensor, at::Tensor> per_image_kernel_grads(
+    const at::Tensor& grad_kernels, const at::Tensor& weight, const at::Tensor& offset,
+    at::IntArrayRef kernel_size, int64_t groups, int64_t offset_groups,
+    std::array<bool, 2> output_mask) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("erftool_native::global_kernels_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, int64_t,
+              int64_t, bool, std::array<bool, 2>)>();
+  return op.call(grad_kernels, weight, offset, kernel_size, groups, offset_groups, false,
+                 output_mask);
 }
 
 struct Geometry {
@@ -177,48 +124,34 @@ at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight
 // Gradients (input, weight, offset) of global_gemm_forward, each undefined
 // unless asked for: per chunk, the input-column gradient (kernels^T @
 // grad_out, summed back into the image by col2im) and the kernel gradient
-// (grad_out @ columns^T), from which the scope-weight gradient (one product
-// with the coefficients) and the coefficient gradient (one product with the
-// scope weight, masked to each row's offset group) follow; the offset
-// gradient then comes from the tents' slopes.
+// (grad_out @ columns^T), from which global_kernels_backward draws the
+// scope-weight and offset gradients (half types in float32: the weight
+// gradient is a sum over chunks).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& offset, const c10::optional<at::Tensor>& row_groups,
-    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, int64_t offset_groups, int64_t images_per_chunk,
-    std::array<bool, 3> output_mask) {
+    const at::Tensor& offset, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t offset_groups,
+    int64_t images_per_chunk, std::array<bool, 3> output_mask) {
   TORCH_CHECK(images_per_chunk > 0, "global_gemm_backward: images_per_chunk must be positive");
   const auto [need_input, need_weight, need_offset] = output_mask;
   const int64_t n = input.size(0), c = input.size(1), o = weight.size(0);
   const Geometry g = geometry(input, weight, kernel_size, stride, padding, dilation, groups);
   const int64_t taps = g.kh * g.kw, positions = g.ho * g.wo, og = o / groups, cg = c / groups;
-  const int64_t cells = g.scope_h * g.scope_w, rows = o * weight.size(1);
   const auto acc = accumulation_dtype(input.scalar_type());
-  // The coefficients (and their slopes) serve the weight and offset gradients
-  // only: an input gradient alone (an ERF) skips them.
-  Tents tents;
-  at::Tensor coef, group_scope;  // (N, G, K, S) and the scope seen by each group, acc
-  if (need_weight || need_offset) {
-    tents = scope_tents(offset, g.kh, g.kw, g.scope_h, g.scope_w, offset_groups, need_offset);
-    coef = coefficients(tents);
-    group_scope = weight.to(acc).reshape({rows, cells});
-    if (row_groups.has_value()) {  // row m is seen by its own group only
-      const at::Tensor member =
-          row_groups->view({rows, 1}).eq(at::arange(offset_groups, row_groups->options()));
-      group_scope =
-          group_scope.unsqueeze(1).mul(member.unsqueeze(-1).to(acc)).reshape({rows, -1});
-    }
-  }
-  at::Tensor grad_input, grad_scope, grad_coef;
+  at::Tensor grad_input, grad_weight, grad_offset;
   if (need_input) grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
-  if (need_weight) grad_scope = at::zeros({rows, offset_groups * cells}, coef.options());
-  if (need_offset) grad_coef = at::empty_like(coef);
+  if (need_weight) grad_weight = at::zeros(weight.sizes(), weight.options().dtype(acc));
+  if (need_offset) grad_offset = at::empty_like(offset, at::MemoryFormat::Contiguous);
+  // Only the weight and offset gradients need the scope in float32 (an ERF
+  // asks for the input gradient alone).
+  const at::Tensor scope = (need_weight || need_offset) ? weight.to(acc) : at::Tensor();
   for (int64_t first = 0; first < n; first += images_per_chunk) {
     const int64_t m = std::min(images_per_chunk, n - first);
+    const at::Tensor offsets = offset.narrow(0, first, m);
     const at::Tensor grads = grad_output.narrow(0, first, m).reshape({m * groups, og, positions});
     if (need_input) {  // needs the kernels, not the columns; col2im adds the windows back
-      const at::Tensor kernels = per_image_kernels(weight, offset.narrow(0, first, m),
-                                                   kernel_size, groups, offset_groups, false);
+      const at::Tensor kernels =
+          per_image_kernels(weight, offsets, kernel_size, groups, offset_groups, false);
       const at::Tensor grad_cols =
           at::bmm(kernels.view({m * groups, og, cg * taps}).transpose(1, 2), grads);
       grad_input.narrow(0, first, m).copy_(at::col2im(
@@ -227,31 +160,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward(
     }
     if (need_weight || need_offset) {  // needs the columns, not the kernels
       const at::Tensor cols = im2col_columns(input.narrow(0, first, m), g);
-      const at::Tensor grad_kernels = at::bmm(grads, cols.transpose(1, 2))
-                                          .view({m, groups, og, cg, taps})
-                                          .permute({0, 4, 1, 2, 3})
-                                          .reshape({m * taps, rows})
-                                          .to(acc);
-      if (need_weight) {  // sum over (image, tap) of grad_kernel x coefficient, every group
-        grad_scope.addmm_(grad_kernels.t(),
-                          coef.narrow(0, first, m).transpose(1, 2).reshape({m * taps, -1}));
-      }
-      if (need_offset) {
-        grad_coef.narrow(0, first, m).copy_(grad_kernels.mm(group_scope)
-                                                .view({m, taps, offset_groups, cells})
-                                                .transpose(1, 2));
-      }
+      const at::Tensor grad_kernels =
+          at::bmm(grads, cols.transpose(1, 2)).view({m, o, weight.size(1), taps}).to(acc);
+      const auto [part_weight, part_offset] =
+          per_image_kernel_grads(grad_kernels, scope, offsets.to(acc), kernel_size, groups,
+                                 offset_groups, {need_weight, need_offset});
+      if (need_weight) grad_weight.add_(part_weight);
+      if (need_offset) grad_offset.narrow(0, first, m).copy_(part_offset);
     }
   }
-  at::Tensor grad_weight, grad_offset;
-  if (need_weight) {
-    at::Tensor own = grad_scope.view({rows, offset_groups, cells});
-    own = row_groups.has_value()
-              ? own.gather(1, row_groups->view({rows, 1, 1}).expand({rows, 1, cells}))
-              : own.narrow(1, 0, 1);
-    grad_weight = own.reshape(weight.sizes()).to(weight.scalar_type());
-  }
-  if (need_offset) grad_offset = offset_gradient(tents, grad_coef).to(offset.scalar_type());
+  if (need_weight) grad_weight = grad_weight.to(weight.scalar_type());
   return {grad_input, grad_weight, grad_offset};
 }
 
@@ -268,8 +186,8 @@ at::Tensor global_gemm_forward_meta(const at::Tensor& input, const at::Tensor& w
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> global_gemm_backward_meta(
     const at::Tensor&, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& offset, const c10::optional<at::Tensor>&, at::IntArrayRef,
-    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t, int64_t,
+    const at::Tensor& offset, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+    at::IntArrayRef, int64_t, int64_t, int64_t,
     std::array<bool, 3> output_mask) {
   auto like = [](const at::Tensor& t, bool needed) {
     return needed ? at::empty_like(t, at::MemoryFormat::Contiguous) : at::Tensor();
