@@ -34,20 +34,9 @@ TORCH_LIBRARY(erftool_native, m) {
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, int offset_groups, int data_offset_groups, int chunk_bytes, "
       "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Global Deformable Kernel: per-image kernels as bilinear samples of the
-  // scope, out[b, m] = sum_i corner_weight[b, i] * weight[m, corner_index[b, i]]
-  // with weight the scope (M, S_h*S_w) and four corners per sample row b.
-  // The backward adds the weight gradient into grad_weight (empty: not
-  // needed) and returns the corner-weight gradient (None: not needed).
-  m.def(
-      "scope_resample(Tensor weight, Tensor corner_index, Tensor corner_weight, "
-      "Tensor(a!) out) -> ()");
-  m.def(
-      "scope_resample_backward(Tensor grad, Tensor weight, Tensor corner_index, "
-      "Tensor corner_weight, Tensor(a!) grad_weight, bool need_corner_weight) -> Tensor");
   // Global Deformable Kernel: each image's kernels, the scope weight
   // resampled at the image's offsets (N, 2*G*Kh*Kw); channel-major
-  // (N, C_out, C_in/groups, Kh*Kw) or tap-major (N, Kh*Kw, C_out, C_in/groups)
+  // (N, C_out, C_in/groups, Kh*Kw) or tap-major (Kh*Kw, N, C_out, C_in/groups)
   // (math::global_kernel_corners / global_kernel_value in
   // native/include/erftool/deform_math.h).
   m.def(

@@ -153,8 +153,8 @@ def _(input, offset, weight, bias, mask, stride, padding, dilation, backend):
 @contextlib.contextmanager
 def _autograd_reenabled():
     """Custom-op kernels run below the autograd dispatch keys; the reference
-    and global-conv backward passes differentiate plain torch code, so they
-    lift that exclusion (and only that one) for their duration."""
+    backward differentiates plain torch code, so it lifts that exclusion (and
+    only that one) for its duration."""
     keys = torch._C.DispatchKey
     exclude = torch._C._dispatch_tls_local_exclude_set()
     for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
@@ -165,7 +165,7 @@ def _autograd_reenabled():
 
 
 def _autograd_backward(fn, grad_output, tensors, needs):
-    """Gradients of fn(*tensors) by autograd (reference and global-conv paths)."""
+    """Gradients of fn(*tensors) by autograd (the reference backend)."""
     with _autograd_reenabled():
         leaves = [
             None if t is None else t.detach().requires_grad_(bool(need))
@@ -219,7 +219,7 @@ def _backward(backend, grad_output, input, weight, kernel_offset, data_offset, m
             grad_output, tensors, needs[:5])
     elif _uses_global_conv(kernel_offset, data_offset, mask):
         grads = _global_kernel.backward(grad_output, input, weight, kernel_offset, geom,
-                                        needs, _autograd_reenabled) + [None, None]
+                                        needs) + [None, None]
     else:
         grads = _native_backward(grad_output, input, weight, kernel_offset, data_offset, mask,
                                  geom, needs)

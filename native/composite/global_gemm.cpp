@@ -26,7 +26,7 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype) {
 // Per-image kernels of `offset`'s images (erftool_native::global_kernels:
 // one kernel per device, where the composition of small ATen operations it
 // replaced spent most of this form's host time on a GPU), channel-major
-// (n, C_out, C_in/groups, K) or tap-major (n, K, C_out, C_in/groups).
+// (n, C_out, C_in/groups, K) or tap-major (K, n, C_out, C_in/groups).
 at::Tensor per_image_kernels(const at::Tensor& weight, const at::Tensor& offset,
                              at::IntArrayRef kernel_size, int64_t groups, int64_t offset_groups,
                              bool tap_major) {
@@ -68,16 +68,16 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& weight, at::IntArra
 }
 
 // Every tap's window of the padded input, tap-major, in one strided copy:
-// (n, K, groups, C/groups, L).
+// (K, n, groups, C/groups, L).
 at::Tensor tap_major_columns(const at::Tensor& input, const Geometry& g) {
   const at::Tensor xp = at::constant_pad_nd(input, {g.pw, g.pw, g.ph, g.ph}).contiguous();
   const int64_t n = xp.size(0), c = xp.size(1), cg = c / g.groups;
   const auto s = xp.strides();
-  return xp.as_strided({n, g.kh, g.kw, g.groups, cg, g.ho, g.wo},
-                       {s[0], g.dh * s[2], g.dw * s[3], cg * s[1], s[1], g.stride_h * s[2],
+  return xp.as_strided({g.kh, g.kw, n, g.groups, cg, g.ho, g.wo},
+                       {g.dh * s[2], g.dw * s[3], s[0], cg * s[1], s[1], g.stride_h * s[2],
                         g.stride_w * s[3]},
                        xp.storage_offset())
-      .reshape({n, g.kh * g.kw, g.groups, cg, -1});
+      .reshape({g.kh * g.kw, n, g.groups, cg, -1});
 }
 
 // im2col's columns (n, C*K, L), channel-major and tap-minor, as
@@ -111,8 +111,8 @@ at::Tensor global_gemm_forward(const at::Tensor& input, const at::Tensor& weight
       const at::Tensor cols = tap_major_columns(images, g);
       const at::Tensor parts = at::bmm(kernels.view({m * taps * groups, og, -1}),
                                        cols.view({m * taps * groups, -1, positions}));
-      part.copy_(parts.view({m, taps, o, g.ho, g.wo})
-                     .sum(1, false, accumulation_dtype(input.scalar_type())));
+      part.copy_(parts.view({taps, m, o, g.ho, g.wo})
+                     .sum(0, false, accumulation_dtype(input.scalar_type())));
     } else {  // one_product: one product per image and group over C_in/groups * K
       at::Tensor target = part.view({m * groups, og, positions});
       at::bmm_out(target, kernels.view({m * groups, og, -1}), im2col_columns(images, g));

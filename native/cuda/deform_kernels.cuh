@@ -136,7 +136,7 @@ cudaError_t launch_reduce_segments(int64_t nb, int64_t U, int64_t G, int64_t J, 
                                    cudaStream_t stream);
 
 // (d) A global Deformable Kernel's per-image kernels (math::GlobalKernelShape:
-// channel-major (N, C_out, C_in/groups, K) or tap-major (N, K, C_out,
+// channel-major (N, C_out, C_in/groups, K) or tap-major (K, N, C_out,
 // C_in/groups)), one thread per kernel entry (image, o, c); weight (C_out, C_in/groups, S_h, S_w)
 // and offset (N, 2*G*K) dense.
 template <typename scalar_t>

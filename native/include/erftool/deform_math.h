@@ -189,7 +189,8 @@ ERFTOOL_HD void gather_from_scope_grad(const BilinearCorners<Acc>& c, const T* c
 //   * channel-major (N, C_out, C_in/groups, K): per image and group an
 //     (C_out/groups) x (C_in/groups * K) matrix, im2col's column order, and
 //     the weight of a convolution with the batch folded into the groups;
-//   * tap-major (N, K, C_out, C_in/groups): per image and tap one matrix.
+//   * tap-major (K, N, C_out, C_in/groups): per tap one contiguous batch of
+//     every image's matrices.
 struct GlobalKernelShape {
   int64_t n, c_out, cg, groups, offset_groups;
   int64_t kh, kw, scope_h, scope_w;
@@ -230,7 +231,7 @@ ERFTOOL_HD T global_kernel_value(const GlobalKernelShape& s, const BilinearCorne
 ERFTOOL_HD int64_t global_kernel_index(const GlobalKernelShape& s, bool tap_major, int64_t n,
                                        int64_t o, int64_t c, int64_t k) {
   const int64_t taps = s.kh * s.kw;
-  return tap_major ? ((n * taps + k) * s.c_out + o) * s.cg + c
+  return tap_major ? ((k * s.n + n) * s.c_out + o) * s.cg + c
                    : ((n * s.c_out + o) * s.cg + c) * taps + k;
 }
 

@@ -33,11 +33,11 @@ inline math::GlobalKernelShape global_kernel_shape(const at::Tensor& weight,
                                  kernel_size[1],   weight.size(2), weight.size(3)};
 }
 
-// (N, C_out, C_in/groups, K) or, tap-major, (N, K, C_out, C_in/groups).
+// (N, C_out, C_in/groups, K) or, tap-major, (K, N, C_out, C_in/groups).
 inline std::vector<int64_t> global_kernels_sizes(const math::GlobalKernelShape& s,
                                                  bool tap_major) {
   const int64_t taps = s.kh * s.kw;
-  return tap_major ? std::vector<int64_t>{s.n, taps, s.c_out, s.cg}
+  return tap_major ? std::vector<int64_t>{taps, s.n, s.c_out, s.cg}
                    : std::vector<int64_t>{s.n, s.c_out, s.cg, taps};
 }
 
