@@ -308,6 +308,26 @@ def test_native_global_kernels_match_the_oracle(case, tap_major):
 
 
 @pytest.mark.parametrize("tap_major", [False, True], ids=["channel_major", "tap_major"])
+def test_native_global_kernels_in_float32_track_float64(tap_major):
+    # float32 with runs of 16 channels: the CPU kernel's streaming stores (whole
+    # aligned vectors, tap-major) and its in-place backward.
+    assert _native.load_native() is not None, _native.native_error()
+    g = torch.Generator().manual_seed(19)
+    w = torch.randn(5, 16, 4, 4, dtype=torch.float64, generator=g)
+    off = 1.2 * torch.randn(3, 2 * 2 * 9, dtype=torch.float64, generator=g)
+    args = ([3, 3], 1, 2, tap_major)
+    wide = torch.ops.erftool_native.global_kernels(w, off, *args)
+    narrow = torch.ops.erftool_native.global_kernels(w.float(), off.float(), *args)
+    torch.testing.assert_close(narrow, wide.float(), rtol=1e-5, atol=1e-5)
+    grad = torch.randn(wide.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.ops.erftool_native.global_kernels_backward(
+                        grad.float(), w.float(), off.float(), *args, [True, True]),
+                    torch.ops.erftool_native.global_kernels_backward(
+                        grad, w, off, *args, [True, True])):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tap_major", [False, True], ids=["channel_major", "tap_major"])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"o{c[0]}cg{c[1]}g{c[2]}G{c[3]}")
 def test_native_global_kernels_backward_matches_autograd_of_the_oracle(case, tap_major):
     # The weight and offset gradients of erftool_native::global_kernels against

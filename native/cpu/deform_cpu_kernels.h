@@ -16,7 +16,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "erftool/deform_math.h"
 
@@ -204,6 +209,47 @@ ERFTOOL_ALWAYS_INLINE void corner_sum(int64_t n, T a, const CornerRows<T>& r, T*
     const T v = w0 * r0[i] + w1 * r1[i] + w2 * r2[i] + w3 * r3[i];
     y[i] = kAdd ? y[i] + v : v;
   }
+}
+
+// corner_sum<false> with a = 1 into memory that is read back only long
+// after (a whole output written in one pass): streaming stores then skip
+// reading every destination line into the cache first (the global DK's
+// tap-major kernels: 1.2 against 2.3-2.9 ms for 19 MB). Whole aligned AVX
+// vectors only; anything else takes corner_sum. Callers issue
+// stream_fence() before the written memory is read.
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx"))) inline void corner_sum_stream_avx(const CornerRows<float>& r,
+                                                                  float* y, int64_t n) {
+  const __m256 w0 = _mm256_set1_ps(r.w[0]), w1 = _mm256_set1_ps(r.w[1]);
+  const __m256 w2 = _mm256_set1_ps(r.w[2]), w3 = _mm256_set1_ps(r.w[3]);
+  for (int64_t i = 0; i < n; i += 8) {
+    __m256 v = _mm256_mul_ps(w0, _mm256_loadu_ps(r.row[0] + i));
+    v = _mm256_add_ps(v, _mm256_mul_ps(w1, _mm256_loadu_ps(r.row[1] + i)));
+    v = _mm256_add_ps(v, _mm256_mul_ps(w2, _mm256_loadu_ps(r.row[2] + i)));
+    v = _mm256_add_ps(v, _mm256_mul_ps(w3, _mm256_loadu_ps(r.row[3] + i)));
+    _mm256_stream_ps(y + i, v);
+  }
+}
+#endif
+
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void corner_sum_stream(int64_t n, const CornerRows<T>& r, T* y) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    static const bool avx = __builtin_cpu_supports("avx");
+    if (avx && reinterpret_cast<uintptr_t>(y) % 32 == 0 && n % 8 == 0) {
+      corner_sum_stream_avx(r, y, n);
+      return;
+    }
+  }
+#endif
+  corner_sum<false>(n, T(1), r, y);
+}
+
+inline void stream_fence() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 // m * (bilinear sample) of one tap over channels [c0, c0 + len). Points

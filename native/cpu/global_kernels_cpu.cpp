@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <erftool/deform_math.h>
@@ -61,23 +62,38 @@ std::vector<math::BilinearCorners<acc>> corner_table(const math::GlobalKernelSha
   return corners;
 }
 
-// Per-thread buffers of one output channel o.
+// Output channels per task of both passes: a task turns its channels' scope
+// planes cell-major once, then visits every image, so that consecutive
+// channels' kernels (contiguous in both layouts) are read or written in
+// turn, not one channel's kernels across every image (72 streams 2 MB
+// apart for 8 images and 9 taps, which the prefetchers could not follow).
+// Fixed, not per thread, so that the offset gradient's partial sums (one set
+// per task, added in task order) do not depend on the thread count.
+constexpr int64_t kChannelsPerTask = 8;
+
+// Per-thread buffers of one task's channels [o0, o0 + count).
 template <typename acc>
-struct ChannelScratch {
-  std::vector<acc> plane, cells, row;  // (cg, S), (S, cg), (K, cg)
-  explicit ChannelScratch(const math::GlobalKernelShape& s)
-      : plane(s.cg * s.scope_h * s.scope_w),
-        cells(plane.size()),
+struct TaskScratch {
+  int64_t plane_size;
+  std::vector<acc> plane, cells, row;  // (cg, S), per channel (S, cg), (K, cg)
+  explicit TaskScratch(const math::GlobalKernelShape& s)
+      : plane_size(s.cg * s.scope_h * s.scope_w),
+        plane(plane_size),
+        cells(kChannelsPerTask * plane_size),
         row(s.cg * s.kh * s.kw) {}
 
-  // o's scope planes, cell-major: each cell one contiguous run over c.
+  // Channel o0 + j's scope planes, cell-major: each cell one run over c.
   template <typename scalar_t>
-  void load_cells(const math::GlobalKernelShape& s, const scalar_t* weight, int64_t o) {
-    const int64_t size = static_cast<int64_t>(plane.size());
-    for (int64_t i = 0; i < size; ++i) plane[i] = static_cast<acc>(weight[o * size + i]);
-    transpose_block(plane.data(), s.scope_h * s.scope_w, cells.data(), s.cg, 0, s.cg, 0,
-                    s.scope_h * s.scope_w);
+  void load_cells(const math::GlobalKernelShape& s, const scalar_t* weight, int64_t o0,
+                  int64_t count) {
+    for (int64_t j = 0; j < count; ++j) {
+      const scalar_t* src = weight + (o0 + j) * plane_size;
+      for (int64_t i = 0; i < plane_size; ++i) plane[i] = static_cast<acc>(src[i]);
+      transpose_block(plane.data(), s.scope_h * s.scope_w, channel_cells(j), s.cg, 0, s.cg, 0,
+                      s.scope_h * s.scope_w);
+    }
   }
+  acc* channel_cells(int64_t j) { return cells.data() + j * plane_size; }
 };
 
 // Image n's kernel row of o, (K, cg), to or from either layout.
@@ -90,6 +106,18 @@ void store_row(const math::GlobalKernelShape& shape, bool tap_major, int64_t n, 
     for (int64_t c = 0; c < shape.cg; ++c)
       dst[c * step] = static_cast<scalar_t>(row[k * shape.cg + c]);
   }
+}
+
+// Channels [c, ...) of image n's kernel of o at tap k, in place: tap-major
+// kernels of the accumulation type are contiguous over c, so both passes work
+// on them directly; null otherwise (a row buffer and store_row / load_row).
+template <typename acc, typename scalar_t>
+acc* in_place_run(const math::GlobalKernelShape& shape, bool tap_major, scalar_t* kernels,
+                  int64_t n, int64_t o, int64_t c, int64_t k) {
+  if constexpr (std::is_same_v<acc, scalar_t>) {
+    if (tap_major) return kernels + math::global_kernel_index(shape, true, n, o, c, k);
+  }
+  return nullptr;
 }
 
 template <typename acc, typename scalar_t>
@@ -110,32 +138,51 @@ void fill_global_kernels(const math::GlobalKernelShape& shape, const scalar_t* w
   const auto corners = corner_table<acc>(shape, offset);
   const auto runs = channel_runs(shape);
   const std::vector<acc> zeros(static_cast<size_t>(cg), acc(0));
-  // One task item per output channel o: its scope planes turned cell-major
-  // once, then every image's kernel row of o drawn from them.
-  const int64_t grain = std::max<int64_t>(1, 4096 / (cg * shape.scope_h * shape.scope_w));
-  at::parallel_for(0, shape.c_out, grain, [&](int64_t begin, int64_t end) {
-    ChannelScratch<acc> scratch(shape);
-    for (int64_t o = begin; o < end; ++o) {
-      scratch.load_cells(shape, weight, o);
-      for (int64_t n = 0; n < shape.n; ++n) {
-        for (const ChannelRun& run : runs[o / (shape.c_out / shape.groups)]) {
-          const auto* mine = corners.data() + (n * shape.offset_groups + run.group) * taps;
-          for (int64_t k = 0; k < taps; ++k)
-            corner_sum<false>(run.c1 - run.c0, acc(1),
-                              corner_rows(mine[k], scratch.cells.data() + run.c0, cg,
-                                          zeros.data()),
-                              scratch.row.data() + k * cg + run.c0);
+  const int64_t tasks = (shape.c_out + kChannelsPerTask - 1) / kChannelsPerTask;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    TaskScratch<acc> scratch(shape);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t o0 = task * kChannelsPerTask;
+      const int64_t count = std::min(shape.c_out, o0 + kChannelsPerTask) - o0;
+      scratch.load_cells(shape, weight, o0, count);
+      for (int64_t n = 0; n < shape.n; ++n)
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t o = o0 + j;
+          for (const ChannelRun& run : runs[o / (shape.c_out / shape.groups)]) {
+            const auto* mine = corners.data() + (n * shape.offset_groups + run.group) * taps;
+            for (int64_t k = 0; k < taps; ++k) {
+              const CornerRows<acc> rows = corner_rows(
+                  mine[k], scratch.channel_cells(j) + run.c0, cg, zeros.data());
+              if (acc* dst = in_place_run<acc>(shape, tap_major, out, n, o, run.c0, k))
+                corner_sum_stream(run.c1 - run.c0, rows, dst);
+              else
+                corner_sum<false>(run.c1 - run.c0, acc(1), rows,
+                                  scratch.row.data() + k * cg + run.c0);
+            }
+          }
+          if (!in_place_run<acc>(shape, tap_major, out, n, o, 0, 0))
+            store_row(shape, tap_major, n, o, scratch.row.data(), out);
         }
-        store_row(shape, tap_major, n, o, scratch.row.data(), out);
-      }
     }
+    stream_fence();
   });
 }
 
-// Output channels per task of the backward: fixed, so that the offset
-// gradient's partial sums (one set per task, added in task order) do not
-// depend on the thread count.
-constexpr int64_t kChannelsPerTask = 8;
+// The dot products of g with four rows in one pass, as independent sums (one
+// sum per loop waited on its own adds: a fifth of the backward's time).
+template <typename T>
+ERFTOOL_ALWAYS_INLINE void four_dots(int64_t n, const T* __restrict g, const T* const r[4],
+                                     T* dots) {
+  const T *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3];
+  T d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+  for (int64_t i = 0; i < n; ++i) {
+    d0 += g[i] * r0[i], d1 += g[i] * r1[i];
+    d2 += g[i] * r2[i], d3 += g[i] * r3[i];
+  }
+  dots[0] = d0, dots[1] = d1, dots[2] = d2, dots[3] = d3;
+}
+
 
 // Gradients of fill_global_kernels from that of its output (same layout):
 // grad_weight (null: not wanted) gets each cell's corner-weighted sum of the
@@ -152,42 +199,58 @@ void global_kernels_grads(const math::GlobalKernelShape& shape, const scalar_t* 
   const int64_t samples = static_cast<int64_t>(corners.size());
   const int64_t tasks = (shape.c_out + kChannelsPerTask - 1) / kChannelsPerTask;
   std::vector<acc> partial(grad_offset ? tasks * samples * 2 : 0, acc(0));
+  const std::vector<acc> zeros(static_cast<size_t>(cg), acc(0));
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    ChannelScratch<acc> scratch(shape);
-    std::vector<acc> grad_cells(grad_weight ? cells * cg : 0);  // (S, cg)
+    TaskScratch<acc> scratch(shape);
+    std::vector<acc> grad_cells(grad_weight ? scratch.cells.size() : 0);  // like cells
     for (int64_t task = begin; task < end; ++task) {
       acc* sums = grad_offset ? partial.data() + task * samples * 2 : nullptr;
-      for (int64_t o = task * kChannelsPerTask;
-           o < std::min(shape.c_out, (task + 1) * kChannelsPerTask); ++o) {
-        if (grad_offset) scratch.load_cells(shape, weight, o);
-        std::fill(grad_cells.begin(), grad_cells.end(), acc(0));
-        for (int64_t n = 0; n < shape.n; ++n) {
-          load_row(shape, tap_major, n, o, grad, scratch.row.data());
+      const int64_t o0 = task * kChannelsPerTask;
+      const int64_t count = std::min(shape.c_out, o0 + kChannelsPerTask) - o0;
+      if (grad_offset) scratch.load_cells(shape, weight, o0, count);
+      std::fill(grad_cells.begin(), grad_cells.end(), acc(0));
+      for (int64_t n = 0; n < shape.n; ++n)
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t o = o0 + j;
+          // The gradient is only read: in_place_run's pointer is not written.
+          scalar_t* grad_kernels = const_cast<scalar_t*>(grad);
+          const bool in_place = in_place_run<acc>(shape, tap_major, grad_kernels, n, o, 0, 0);
+          if (!in_place) load_row(shape, tap_major, n, o, grad, scratch.row.data());
           for (const ChannelRun& run : runs[o / (shape.c_out / shape.groups)]) {
             const int64_t first = (n * shape.offset_groups + run.group) * taps;
+            const int64_t len = run.c1 - run.c0, at = j * scratch.plane_size + run.c0;
             for (int64_t k = 0; k < taps; ++k) {
               const math::BilinearCorners<acc>& cn = corners[first + k];
-              const acc* g = scratch.row.data() + k * cg + run.c0;
-              const int64_t len = run.c1 - run.c0;
-              for (int i = 0; i < 4; ++i) {
-                if (cn.index[i] < 0) continue;
-                const int64_t at = cn.index[i] * cg + run.c0;
-                if (grad_weight) axpy(len, cn.weight[i], g, grad_cells.data() + at);
-                if (grad_offset) {
-                  const acc d = dot(len, g, scratch.cells.data() + at);
-                  sums[(first + k) * 2] += d * cn.d_dy[i];
-                  sums[(first + k) * 2 + 1] += d * cn.d_dx[i];
+              const acc* g = in_place
+                                 ? in_place_run<acc>(shape, true, grad_kernels, n, o, run.c0, k)
+                                 : scratch.row.data() + k * cg + run.c0;
+              if (grad_weight)
+                for (int i = 0; i < 4; ++i)
+                  if (cn.index[i] >= 0)
+                    axpy(len, cn.weight[i], g, grad_cells.data() + at + cn.index[i] * cg);
+              if (grad_offset) {  // absent corners read zeros (and have zero slopes)
+                const acc* rows[4];
+                for (int i = 0; i < 4; ++i)
+                  rows[i] = cn.index[i] >= 0 ? scratch.cells.data() + at + cn.index[i] * cg
+                                             : zeros.data();
+                acc d[4];
+                four_dots(len, g, rows, d);
+                for (int i = 0; i < 4; ++i) {
+                  sums[(first + k) * 2] += d[i] * cn.d_dy[i];
+                  sums[(first + k) * 2 + 1] += d[i] * cn.d_dx[i];
                 }
               }
             }
           }
         }
-        if (grad_weight) {  // (S, cg) back to o's (cg, S) planes
-          transpose_block(grad_cells.data(), cg, scratch.plane.data(), cells, 0, cells, 0, cg);
-          for (int64_t i = 0; i < cg * cells; ++i)
-            grad_weight[o * cg * cells + i] = static_cast<scalar_t>(scratch.plane[i]);
+      if (grad_weight)  // each channel's (S, cg) back to its (cg, S) planes
+        for (int64_t j = 0; j < count; ++j) {
+          transpose_block(grad_cells.data() + j * scratch.plane_size, cg, scratch.plane.data(),
+                          cells, 0, cells, 0, cg);
+          for (int64_t i = 0; i < scratch.plane_size; ++i)
+            grad_weight[(o0 + j) * scratch.plane_size + i] =
+                static_cast<scalar_t>(scratch.plane[i]);
         }
-      }
     }
   });
   if (grad_offset)
