@@ -1,11 +1,14 @@
-// CPU kernel of erftool_native::global_kernels: a global Deformable Kernel's
-// per-image kernels. Every value is the bilinear sample of its scope plane at
-// math::global_kernel_corners, the corners the CUDA kernel
-// (native/cuda/deform_kernels.cu) computes per thread; here they are computed
-// once per (image, offset group, tap) and each sample is summed over a run of
-// channels at once (one fused pass over four cell-major scope rows), since a
-// per-value loop spent its time on index arithmetic (10-15 ms against 2-3.5 ms
-// for 8 images of 256 -> 256 channels, 2-core EPYC).
+// CPU kernels of erftool_native::global_kernels and global_kernels_backward:
+// a global Deformable Kernel's per-image kernels and their scope-weight and
+// offset gradients. Every value is the bilinear sample of its scope plane at
+// math::global_kernel_corners, the corners the CUDA kernels
+// (native/cuda/deform_kernels.cu) compute per thread; here they are computed
+// once per (image, offset group, tap), and each sample is summed over a run
+// of channels at once from cell-major scope rows (a per-value loop spent its
+// time on index arithmetic: 10-15 ms against 2-3.5 ms for 8 images of
+// 256 -> 256 channels, 2-core EPYC). The backward's weight gradient adds each
+// kernel-gradient run into its corner cells' rows, its offset gradient takes
+// the dot products of that run with the corner cells (times the slopes).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,7 +24,7 @@
 #include <erftool/deform_math.h>
 #include <erftool/global_kernels_op.h>
 
-#include "deform_cpu_kernels.h"  // corner_rows, corner_sum
+#include "deform_cpu_kernels.h"  // corner_rows, corner_sum(_stream), axpy
 #include "layout_cpu.h"          // transpose_block
 
 namespace erftool {
@@ -111,13 +114,15 @@ void store_row(const math::GlobalKernelShape& shape, bool tap_major, int64_t n, 
 // Channels [c, ...) of image n's kernel of o at tap k, in place: tap-major
 // kernels of the accumulation type are contiguous over c, so both passes work
 // on them directly; null otherwise (a row buffer and store_row / load_row).
+// scalar_t may be const (the backward's gradient).
 template <typename acc, typename scalar_t>
-acc* in_place_run(const math::GlobalKernelShape& shape, bool tap_major, scalar_t* kernels,
+auto in_place_run(const math::GlobalKernelShape& shape, bool tap_major, scalar_t* kernels,
                   int64_t n, int64_t o, int64_t c, int64_t k) {
-  if constexpr (std::is_same_v<acc, scalar_t>) {
-    if (tap_major) return kernels + math::global_kernel_index(shape, true, n, o, c, k);
+  using Run = std::conditional_t<std::is_const_v<scalar_t>, const acc*, acc*>;
+  if constexpr (std::is_same_v<acc, std::remove_const_t<scalar_t>>) {
+    if (tap_major) return Run(kernels + math::global_kernel_index(shape, true, n, o, c, k));
   }
-  return nullptr;
+  return Run(nullptr);
 }
 
 template <typename acc, typename scalar_t>
@@ -126,7 +131,8 @@ void load_row(const math::GlobalKernelShape& shape, bool tap_major, int64_t n, i
   const int64_t taps = shape.kh * shape.kw, step = tap_major ? 1 : taps;
   for (int64_t k = 0; k < taps; ++k) {
     const scalar_t* src = in + math::global_kernel_index(shape, tap_major, n, o, 0, k);
-    for (int64_t c = 0; c < shape.cg; ++c) row[k * shape.cg + c] = static_cast<acc>(src[c * step]);
+    for (int64_t c = 0; c < shape.cg; ++c)
+      row[k * shape.cg + c] = static_cast<acc>(src[c * step]);
   }
 }
 
@@ -183,7 +189,6 @@ ERFTOOL_ALWAYS_INLINE void four_dots(int64_t n, const T* __restrict g, const T* 
   dots[0] = d0, dots[1] = d1, dots[2] = d2, dots[3] = d3;
 }
 
-
 // Gradients of fill_global_kernels from that of its output (same layout):
 // grad_weight (null: not wanted) gets each cell's corner-weighted sum of the
 // kernel gradients; grad_offset (null: not wanted) each sample's slopes times
@@ -212,9 +217,7 @@ void global_kernels_grads(const math::GlobalKernelShape& shape, const scalar_t* 
       for (int64_t n = 0; n < shape.n; ++n)
         for (int64_t j = 0; j < count; ++j) {
           const int64_t o = o0 + j;
-          // The gradient is only read: in_place_run's pointer is not written.
-          scalar_t* grad_kernels = const_cast<scalar_t*>(grad);
-          const bool in_place = in_place_run<acc>(shape, tap_major, grad_kernels, n, o, 0, 0);
+          const bool in_place = in_place_run<acc>(shape, tap_major, grad, n, o, 0, 0);
           if (!in_place) load_row(shape, tap_major, n, o, grad, scratch.row.data());
           for (const ChannelRun& run : runs[o / (shape.c_out / shape.groups)]) {
             const int64_t first = (n * shape.offset_groups + run.group) * taps;
@@ -222,7 +225,7 @@ void global_kernels_grads(const math::GlobalKernelShape& shape, const scalar_t* 
             for (int64_t k = 0; k < taps; ++k) {
               const math::BilinearCorners<acc>& cn = corners[first + k];
               const acc* g = in_place
-                                 ? in_place_run<acc>(shape, true, grad_kernels, n, o, run.c0, k)
+                                 ? in_place_run<acc>(shape, true, grad, n, o, run.c0, k)
                                  : scratch.row.data() + k * cg + run.c0;
               if (grad_weight)
                 for (int i = 0; i < 4; ++i)
