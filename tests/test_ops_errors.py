@@ -51,3 +51,17 @@ def test_deform_conv2d_errors():
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="'gpu'"):
         dk(backend="gpu")
+
+
+@pytest.mark.parametrize("args,pattern", [
+    ((W, torch.zeros(2, 17), 3), r"offset has shape \(2, 17\); expected \(2, 18\)"),
+    ((W, torch.zeros(2, 18, 1), 3), r"offset has shape \(2, 18, 1\); expected \(N, 18\)"),
+    ((W, torch.zeros(2, 18).double(), 3), r"offset is torch.float64 on cpu but weight is"),
+    ((W, torch.zeros(2, 50), 5), r"kernel_size \(5, 5\) exceeds the weight's scope \(4, 4\)"),
+    ((W[0], torch.zeros(2, 18), 3), r"weight must be 4-D"),
+    ((W, torch.zeros(2, 54), 3, 3), r"offset_groups=3 must divide the 4 input channels"),
+    ((W, torch.zeros(2, 18), 3, 1, 3), r"groups=3 must divide the 4 output channels"),
+])
+def test_resample_kernel_errors(args, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ops.resample_kernel(*args)

@@ -201,6 +201,36 @@ def check_deform_kernel2d(
     return geom, kind
 
 
+def check_resample_kernel(weight, offset, kernel_size, offset_groups, groups) -> Tuple[int, int]:
+    """Validate resample_kernel's arguments; returns the kernel size."""
+    op = "resample_kernel"
+    kernel = pair(op, "kernel_size", kernel_size, 1)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        shape = fmt(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{op}: weight must be 4-D (C_out, C_in/groups, S_h, S_w), got {shape}")
+    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"{op}: groups={groups!r} must divide the {weight.shape[0]} output "
+                         f"channels of weight")
+    c_in = groups * weight.shape[1]
+    if not isinstance(offset_groups, int) or offset_groups < 1 or c_in % offset_groups:
+        raise ValueError(f"{op}: offset_groups={offset_groups!r} must divide the {c_in} input "
+                         f"channels")
+    scope = tuple(weight.shape[2:])
+    if scope[0] < kernel[0] or scope[1] < kernel[1]:
+        raise ValueError(f"{op}: kernel_size {fmt(kernel)} exceeds the weight's scope {fmt(scope)}")
+    if not isinstance(offset, torch.Tensor):
+        raise ValueError(f"{op}: offset must be a torch.Tensor, got {type(offset).__name__}")
+    if offset.device != weight.device or offset.dtype != weight.dtype:
+        raise ValueError(f"{op}: offset is {offset.dtype} on {offset.device} but weight is "
+                         f"{weight.dtype} on {weight.device}")
+    if offset.dim() != 2:
+        raise ValueError(f"{op}: offset has shape {fmt(offset.shape)}; expected (N, "
+                         f"{2 * offset_groups * kernel[0] * kernel[1]})")
+    _check_field(op, "offset", offset,
+                 (offset.shape[0], 2 * offset_groups * kernel[0] * kernel[1]))
+    return kernel
+
+
 def check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask) -> Geometry:
     """Validate deform_conv2d's arguments (torchvision's conventions: groups
     from the weight, offset groups from the offset)."""

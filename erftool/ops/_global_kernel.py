@@ -71,7 +71,7 @@ def resample_kernel(weight: Tensor, offset: Tensor, kernel_size, offset_groups: 
     """Per-image kernels (N, C_out, C_in/groups, K_h, K_w), differentiable:
     the native op where the native kernels run, else the reference (the
     oracle it is tested against)."""
-    kernel_size = _args.pair("resample_kernel", "kernel_size", kernel_size, 1)
+    kernel_size = _args.check_resample_kernel(weight, offset, kernel_size, offset_groups, groups)
     if _backend.native_unsupported_reason(weight.device, weight.dtype) is not None:
         return reference.resample_kernel(weight, offset, kernel_size, offset_groups, groups)
     geom = _args.Geometry(kernel_size, (1, 1), (0, 0), (1, 1), groups, offset_groups, 1, (1, 1))
