@@ -7,7 +7,8 @@
 #   4. runs benchmarks/bench_gpu.py (local DK, global DK, DC, DK+DC vs cuDNN conv2d;
 #      with --global-forms, --column-paths and --profile), then three float32 diagnostics
 #      appended to bench.log: --timing synced, ERFTOOL_CHUNK_MB=1024 (one chunk of columns)
-#      and ERFTOOL_CHUNK_MB=32 (chunks that stay in the H100's 50 MB L2 cache).
+#      and ERFTOOL_CHUNK_MB=32 (chunks that stay in the H100's 50 MB L2 cache); then
+#      benchmarks/bench_global_kernels.py --device cuda (the global DK's kernel pair).
 # Everything is written under $OUT (default ./gpu-results), at most 8 files:
 #   summary.txt env.txt compile.log build.log tests.log bench.log bench_gpu.json bench_gpu.md
 # Exit status: 0 when the build and the tests passed (benchmark problems are
@@ -178,7 +179,12 @@ if [[ -z "${SKIP_BENCH:-}" && $build_rc -eq 0 ]]; then
     # shellcheck disable=SC2086
     diagnostic chunk32 env ERFTOOL_CHUNK_MB=32 "$python" benchmarks/bench_gpu.py $quick
     rmdir "$scratch"
-    note "diagnostics (synced timing, 1 GB and 32 MB chunks): appended to bench.log"
+    echo "=== diagnostic: global_kernels pair (benchmarks/bench_global_kernels.py)" \
+      >>"$out/bench.log"
+    with_timeout 60 "$python" benchmarks/bench_global_kernels.py --device cuda \
+      >>"$out/bench.log" 2>&1
+    note "diagnostics (synced timing, 1 GB and 32 MB chunks, global_kernels pair):" \
+      "appended to bench.log"
   fi
 fi
 

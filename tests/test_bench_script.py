@@ -1,7 +1,8 @@
 """The benchmark scripts. bench_ops.py: a quick run writes its results and runs
 under the allocator setting it records (the steady setting re-runs the script
 with glibc's tunables set, which glibc reads only at start-up). bench_host.py:
-a quick run writes every op. bench_gpu.py: its table and training step, on CPU."""
+a quick run writes every op. bench_gpu.py: its table and training step, on CPU.
+bench_global_kernels.py: a row per shape and layout, each pass against the copy."""
 import importlib.util
 import json
 import os
@@ -87,3 +88,16 @@ def test_gpu_benchmark_table_and_training_step_without_a_gpu():
     assert "| s | float32 | local_dk | 2.000 | 1.500 | 6.000 | 5.000 | 3.00x | 2.00x |" in table
     assert "| s | float32 | dc | error: boom | | | | | |" in table
     assert "- local_dk s float32: 3.00x (target <= 2.5x): MISSED" in table
+
+
+def test_global_kernels_bench_prints_every_shape_and_layout():
+    assert _native.load_native() is not None, _native.native_error()
+    script = SCRIPT.parent / "bench_global_kernels.py"
+    res = subprocess.run([sys.executable, str(script), "--repeats", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if "copy" in line and "MB" in line]
+    assert len(rows) == 8, res.stdout
+    for line in rows:
+        for name in ("forward", "backward", "weight grad", "offset grad"):
+            assert f"{name} " in line and "x)" in line, line

@@ -1,6 +1,6 @@
 """scripts/gpu_check.sh runs only where a GPU is lent, so its control flow is
 checked here with a stand-in interpreter: every step runs, the benchmark and
-its three diagnostics get their arguments, and everything stays within the 8
+its four diagnostics get their arguments, and everything stays within the 8
 files that come back from the device machine."""
 import os
 import stat
@@ -15,6 +15,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 # steps succeed; bench_gpu.py writes its two result files, naming its
 # arguments and ERFTOOL_CHUNK_MB in them.
 STAND_IN = """#!/usr/bin/env bash
+if [[ "$*" == *bench_global_kernels.py* ]]; then
+  echo "stand-in kernel pair: $*"
+  exit 0
+fi
 if [[ "$*" == *bench_gpu.py* ]]; then
   out=""; prev=""
   for a in "$@"; do [[ "$prev" == "--out" ]] && out="$a"; prev="$a"; done
@@ -49,7 +53,8 @@ def test_gpu_check_runs_every_step_within_eight_files(tmp_path, stand_in):
     assert {"summary.txt", "bench.log", "bench_gpu.md", "tests.log"} <= set(files)
     summary = (out / "summary.txt").read_text()
     for line in ("PASS: native extension built", "PASS: tests/test_ops_cuda.py",
-                 "diagnostics (synced timing, 1 GB and 32 MB chunks)", "status: PASS"):
+                 "diagnostics (synced timing, 1 GB and 32 MB chunks, global_kernels pair)",
+                 "status: PASS"):
         assert line in summary, summary
     main = (out / "bench_gpu.md").read_text()
     assert "--global-forms --column-paths --profile" in main and "chunk=default" in main
@@ -59,4 +64,6 @@ def test_gpu_check_runs_every_step_within_eight_files(tmp_path, stand_in):
     assert "--timing synced --dtypes float32" in log[synced:chunked]
     small = log.index("=== diagnostic: chunk32")
     assert "chunk=1024" in log[chunked:small] and "--dtypes float32" in log[chunked:small]
-    assert "chunk=32" in log[small:] and "--dtypes float32" in log[small:]
+    pair = log.index("=== diagnostic: global_kernels pair")
+    assert "chunk=32" in log[small:pair] and "--dtypes float32" in log[small:pair]
+    assert "stand-in kernel pair: benchmarks/bench_global_kernels.py --device cuda" in log[pair:]
