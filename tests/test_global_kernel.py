@@ -69,6 +69,29 @@ def test_fast_resample_kernel_matches_the_oracle_with_gradients(groups, offset_g
     assert_resample_kernel_matches_oracle(w, off, (2, 3), offset_groups, groups, g)
 
 
+def test_resample_kernel_follows_the_backend_in_force():
+    # The native pair by default, the reference (plain autograd) under use_backend.
+    assert _native.load_native() is not None, _native.native_error()
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(4, 2, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    off = torch.randn(2, 18, dtype=torch.float64, generator=g, requires_grad=True)
+    native = ops.resample_kernel(w, off, 3, groups=2)
+    with ops.use_backend("reference"):
+        oracle = ops.resample_kernel(w, off, 3, groups=2)
+    def nodes(t):  # names of the autograd graph's nodes
+        seen, todo = set(), [t.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is not None and type(node).__name__ not in seen:
+                seen.add(type(node).__name__)
+                todo.extend(next_fn for next_fn, _ in node.next_functions)
+        return seen
+
+    assert "_ResampleKernelBackward" in nodes(native)
+    assert "_ResampleKernelBackward" not in nodes(oracle)
+    torch.testing.assert_close(native, oracle, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("images_per_chunk", [1, 2])
 @pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 2)])
 def test_tapwise_form_by_image_chunks_matches_the_oracle(monkeypatch, images_per_chunk, groups,

@@ -69,10 +69,10 @@ class _ResampleKernel(torch.autograd.Function):
 def resample_kernel(weight: Tensor, offset: Tensor, kernel_size, offset_groups: int = 1,
                     groups: int = 1) -> Tensor:
     """Per-image kernels (N, C_out, C_in/groups, K_h, K_w), differentiable:
-    the native op where the native kernels run, else the reference (the
-    oracle it is tested against)."""
+    the native op, or the reference (the oracle it is tested against) where
+    the backend in force (use_backend, ERFTOOL_BACKEND) resolves to it."""
     kernel_size = _args.check_resample_kernel(weight, offset, kernel_size, offset_groups, groups)
-    if _backend.native_unsupported_reason(weight.device, weight.dtype) is not None:
+    if _backend.resolve(None, weight) == "reference":
         return reference.resample_kernel(weight, offset, kernel_size, offset_groups, groups)
     geom = _args.Geometry(kernel_size, (1, 1), (0, 0), (1, 1), groups, offset_groups, 1, (1, 1))
     kernels = _ResampleKernel.apply(weight, offset, geom)
