@@ -613,19 +613,25 @@ def test_global_kernels_under_cpu_emulation():
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
-def test_global_kernels_backward_under_cpu_emulation():
-    """launch_global_kernels_backward (a thread per scope cell, a block per
-    sample) against the CPU op: both layouts, offset groups, non-finite
-    offsets, and each gradient alone."""
+# (C_out, C_in/groups, groups, offset_groups, kernel, scope): the second scope
+# has more cells (72) than one pass of the weight-gradient kernel sums (64).
+GLOBAL_BACKWARD_CASES = [(6, 4, 2, 4, (3, 2), (4, 5)), (3, 2, 1, 1, (3, 3), (9, 8))]
+
+
+@pytest.mark.parametrize("case", GLOBAL_BACKWARD_CASES, ids=["groups", "wide_scope"])
+def test_global_kernels_backward_under_cpu_emulation(case):
+    """launch_global_kernels_backward (a thread per kernel entry, a block per
+    sample) against the CPU op: both layouts, offset groups, a scope wider
+    than one pass, non-finite offsets, and each gradient alone."""
     import ctypes
 
     emulate = _emulation()
     lib = emulate.load()
     assert _native.load_native() is not None, _native.native_error()
     g = torch.Generator().manual_seed(23)
-    o, cg, groups, offset_groups, (kh, kw), (sh, sw) = 6, 4, 2, 4, (3, 2), (4, 5)
+    o, cg, groups, offset_groups, (kh, kw), (sh, sw) = case
     w = torch.randn(o, cg, sh, sw, dtype=torch.float64, generator=g)
-    off = 1.5 * torch.randn(3, 2 * offset_groups * kh * kw, dtype=torch.float64, generator=g)
+    off = 2.5 * torch.randn(3, 2 * offset_groups * kh * kw, dtype=torch.float64, generator=g)
     off[0, 0], off[1, 5], off[2, 2] = float("nan"), float("-inf"), 1.0  # 1.0: an integer sample
     shape = (ctypes.c_long * 9)(3, o, cg, groups, offset_groups, kh, kw, sh, sw)
     for tap_major in (False, True):

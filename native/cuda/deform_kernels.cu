@@ -660,33 +660,46 @@ __global__ void global_kernels_kernel(math::GlobalKernelShape shape, bool tap_ma
   }
 }
 
-// Backward of global_kernels_kernel, scope-weight part: one thread per scope
-// cell of each kernel entry (o, c, cell), summing over images and taps the
-// kernel gradient times the weight that cell carried in the sample
-// (deterministic: no atomics). Each thread recomputes the corners it needs:
-// a few dozen operations each, where a shared table would bound the batch.
+// Scope cells a thread of the weight-gradient kernel sums per pass (a local
+// array; larger scopes take several passes).
+constexpr int kCellTile = 64;
+
+// Backward of global_kernels_kernel, scope-weight part: one thread per kernel
+// entry (o, c), summing over images and taps the kernel gradient times each
+// corner's weight into its scope cell (deterministic: no atomics). A thread
+// per scope cell would recompute every sample's corners once per cell.
 template <typename scalar_t>
 __global__ void global_kernels_weight_grad_kernel(math::GlobalKernelShape shape, bool tap_major,
-                                                  int64_t total,
+                                                  int64_t entries,
                                                   const scalar_t* __restrict__ grad,
                                                   const scalar_t* __restrict__ offset,
                                                   scalar_t* __restrict__ grad_weight) {
   using A = acc_t<scalar_t>;
   const auto load_offset = [offset](int64_t i) { return to_acc(offset[i]); };
   const int64_t cells = shape.scope_h * shape.scope_w;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < entries;
        e += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t cell = e % cells, c = e / cells % shape.cg, o = e / (cells * shape.cg);
+    const int64_t c = e % shape.cg, o = e / shape.cg;
     const int64_t g = math::global_kernel_group(shape, o, c);
-    A sum = A(0);
-    for (int64_t n = 0; n < shape.n; ++n)
-      for (int64_t k = 0; k < shape.kh * shape.kw; ++k) {
-        const A w = math::corner_cell_weight(
-            math::global_kernel_corners<A>(shape, n, g, k, load_offset), cell);
-        if (w != A(0))
-          sum += w * to_acc(grad[math::global_kernel_index(shape, tap_major, n, o, c, k)]);
-      }
-    grad_weight[e] = from_acc<scalar_t>(sum);
+    for (int64_t first = 0; first < cells; first += kCellTile) {
+      A sums[kCellTile];
+      for (int i = 0; i < kCellTile; ++i) sums[i] = A(0);
+      for (int64_t n = 0; n < shape.n; ++n)
+        for (int64_t k = 0; k < shape.kh * shape.kw; ++k) {
+          const math::BilinearCorners<A> corners =
+              math::global_kernel_corners<A>(shape, n, g, k, load_offset);
+          const A gk = to_acc(grad[math::global_kernel_index(shape, tap_major, n, o, c, k)]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int64_t cell = corners.index[i] - first;
+            if (corners.index[i] >= 0 && cell >= 0 && cell < kCellTile)
+              sums[cell] += corners.weight[i] * gk;
+          }
+        }
+      const int64_t width = cells - first < kCellTile ? cells - first : kCellTile;
+      for (int64_t i = 0; i < width; ++i)
+        grad_weight[e * cells + first + i] = from_acc<scalar_t>(sums[i]);
+    }
   }
 }
 
@@ -1055,11 +1068,11 @@ cudaError_t launch_global_kernels_backward(const math::GlobalKernelShape& shape,
   DeviceInfo info;
   cudaError_t err = device_info(&info);
   if (err != cudaSuccess) return err;
-  const int64_t total = shape.c_out * shape.cg * shape.scope_h * shape.scope_w;
-  if (grad_weight != nullptr && total > 0) {
+  const int64_t entries = shape.c_out * shape.cg;
+  if (grad_weight != nullptr && entries > 0 && shape.scope_h * shape.scope_w > 0) {
     const auto kernel = global_kernels_weight_grad_kernel<scalar_t>;
-    kernel<<<elementwise_blocks(total, info), 256, 0, stream>>>(shape, tap_major, total, grad,
-                                                                offset, grad_weight);
+    kernel<<<elementwise_blocks(entries, info), 256, 0, stream>>>(shape, tap_major, entries,
+                                                                  grad, offset, grad_weight);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -146,7 +146,7 @@ cudaError_t launch_global_kernels(const math::GlobalKernelShape& shape, bool tap
 
 // (d') Its gradients from grad (same layout as out): grad_weight (C_out,
 // C_in/groups, S_h, S_w) and grad_offset (N, 2*G*K), each skipped when null;
-// one thread per scope cell of each entry, one block per sample.
+// one thread per kernel entry (o, c), one block per sample.
 template <typename scalar_t>
 cudaError_t launch_global_kernels_backward(const math::GlobalKernelShape& shape, bool tap_major,
                                            const scalar_t* grad, const scalar_t* weight,

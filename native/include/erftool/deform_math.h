@@ -235,17 +235,6 @@ ERFTOOL_HD int64_t global_kernel_index(const GlobalKernelShape& s, bool tap_majo
                    : ((n * s.c_out + o) * s.cg + c) * taps + k;
 }
 
-// Backward of global_kernel_value: the part of one sample's value that scope
-// cell `cell` carries (the weights of the corners that name it).
-template <typename T>
-ERFTOOL_HD T corner_cell_weight(const BilinearCorners<T>& corners, int64_t cell) {
-  T w = T(0);
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-    if (corners.index[i] == cell) w += corners.weight[i];
-  return w;
-}
-
 // d value / d row and d value / d col of entry (o, c)'s sample at those
 // corners (the offset's two components move the sample by the same amount).
 template <typename T, typename LoadWeight>
