@@ -307,6 +307,18 @@ KERNEL_CASES = [(6, 4, 2, 2, (3, 3), (4, 4)), (4, 3, 1, 3, (3, 1), (5, 2)),
                 (8, 1, 8, 4, (2, 3), (3, 5)), (5, 6, 1, 1, (3, 3), (3, 3))]
 
 
+def kernel_case_tensors(case, seed):
+    """Scope weight and global offsets (3 images) of a KERNEL_CASES entry, float64,
+    with a NaN, an infinite and a huge offset."""
+    o, cg, groups, offset_groups, kernel, scope = case
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(o, cg, *scope, dtype=torch.float64, generator=g)
+    off = 1.5 * torch.randn(3, 2 * offset_groups * kernel[0] * kernel[1], dtype=torch.float64,
+                            generator=g)
+    off[0, 0], off[1, 3], off[2, 1] = float("nan"), float("inf"), -1e30
+    return w, off, g
+
+
 @pytest.mark.parametrize("tap_major", [False, True], ids=["channel_major", "tap_major"])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"o{c[0]}cg{c[1]}g{c[2]}G{c[3]}")
 def test_native_global_kernels_match_the_oracle(case, tap_major):
@@ -314,12 +326,8 @@ def test_native_global_kernels_match_the_oracle(case, tap_major):
     # per-element arithmetic of its CUDA kernel; non-finite and far offsets
     # read zero weight.
     assert _native.load_native() is not None, _native.native_error()
-    o, cg, groups, offset_groups, kernel, scope = case
-    g = torch.Generator().manual_seed(17)
-    w = torch.randn(o, cg, *scope, dtype=torch.float64, generator=g)
-    off = 1.5 * torch.randn(3, 2 * offset_groups * kernel[0] * kernel[1], dtype=torch.float64,
-                            generator=g)
-    off[0, 0], off[1, 3], off[2, 1] = float("nan"), float("inf"), -1e30
+    _, _, groups, offset_groups, kernel, _ = case
+    w, off, _ = kernel_case_tensors(case, 17)
     oracle = reference.resample_kernel(w, off, kernel, offset_groups, groups)  # (N, O, cg, kh, kw)
     got = torch.ops.erftool_native.global_kernels(w, off, list(kernel), groups, offset_groups,
                                                   tap_major)
@@ -357,13 +365,10 @@ def test_native_global_kernels_backward_matches_autograd_of_the_oracle(case, tap
     # autograd through reference.resample_kernel; samples outside the scope,
     # NaN and infinite offsets get zero gradient.
     assert _native.load_native() is not None, _native.native_error()
-    o, cg, groups, offset_groups, kernel, scope = case
-    g = torch.Generator().manual_seed(18)
-    w = torch.randn(o, cg, *scope, dtype=torch.float64, generator=g).requires_grad_()
-    off = 1.5 * torch.randn(3, 2 * offset_groups * kernel[0] * kernel[1], dtype=torch.float64,
-                            generator=g)
-    off[0, 0], off[1, 3], off[2, 1], off[2, 2] = float("nan"), float("inf"), -1e30, 0.5
-    off.requires_grad_()
+    _, _, groups, offset_groups, kernel, _ = case
+    w, off, g = kernel_case_tensors(case, 18)
+    off[2, 2] = 0.5  # on a cell where (S - K) / 2 is a half
+    w.requires_grad_(), off.requires_grad_()
     oracle = reference.resample_kernel(w, off, kernel, offset_groups, groups).flatten(3)
     grad = torch.randn(oracle.shape, dtype=torch.float64, generator=g)
     expected = torch.autograd.grad(oracle, (w, off), grad)

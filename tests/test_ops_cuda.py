@@ -655,39 +655,26 @@ def test_global_kernels_backward_under_cpu_emulation(case):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=["f64", "f32", "bf16"])
-def test_global_kernels_cuda_matches_cpu(dtype):
+def test_global_kernels_and_backward_cuda_match_cpu(dtype):
     g = torch.Generator().manual_seed(22)
     w = torch.randn(8, 4, 4, 4, generator=g).to(dtype)
     off = (1.2 * torch.randn(5, 2 * 2 * 9, generator=g)).to(dtype)
     off[0, 0] = float("nan")
     tol = {torch.float64: dict(rtol=0, atol=1e-12), torch.float32: dict(rtol=1e-6, atol=1e-6),
            torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}[dtype]
+    grad_tol = {torch.float64: dict(rtol=0, atol=1e-11),
+                torch.float32: dict(rtol=1e-5, atol=1e-5),
+                torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}[dtype]
+    op = torch.ops.erftool_native
     for tap_major in (False, True):
         args = ([3, 3], 2, 2, tap_major)
-        got = torch.ops.erftool_native.global_kernels(w.cuda(), off.cuda(), *args)
-        torch.testing.assert_close(got.cpu(), torch.ops.erftool_native.global_kernels(
-            w, off, *args), **tol)
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
-                         ids=["f64", "f32", "bf16"])
-def test_global_kernels_backward_cuda_matches_cpu(dtype):
-    g = torch.Generator().manual_seed(24)
-    w = torch.randn(8, 4, 4, 4, generator=g).to(dtype)
-    off = (1.2 * torch.randn(5, 2 * 2 * 9, generator=g)).to(dtype)
-    off[0, 0] = float("nan")
-    tol = {torch.float64: dict(rtol=0, atol=1e-11), torch.float32: dict(rtol=1e-5, atol=1e-5),
-           torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}[dtype]
-    for tap_major in (False, True):
-        args = ([3, 3], 2, 2, tap_major, [True, True])
-        grad = torch.randn(torch.ops.erftool_native.global_kernels(w, off, *args[:-1]).shape,
-                           generator=g).to(dtype)
-        got = torch.ops.erftool_native.global_kernels_backward(grad.cuda(), w.cuda(), off.cuda(),
-                                                               *args)
-        expected = torch.ops.erftool_native.global_kernels_backward(grad, w, off, *args)
-        for a, b in zip(got, expected):
-            torch.testing.assert_close(a.cpu(), b, **tol)
+        expected = op.global_kernels(w, off, *args)
+        torch.testing.assert_close(op.global_kernels(w.cuda(), off.cuda(), *args).cpu(),
+                                   expected, **tol)
+        grad = torch.randn(expected.shape, generator=g).to(dtype)
+        got = op.global_kernels_backward(grad.cuda(), w.cuda(), off.cuda(), *args, [True, True])
+        for a, b in zip(got, op.global_kernels_backward(grad, w, off, *args, [True, True])):
+            torch.testing.assert_close(a.cpu(), b, **grad_tol)
 
 
 # ------------------------------------------------------------------ torch glue

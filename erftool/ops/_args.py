@@ -111,6 +111,15 @@ def _check_weight(op: str, input, weight, groups: int) -> None:
         )
 
 
+def _check_scope(op: str, kernel, weight) -> None:
+    scope = tuple(weight.shape[2:])
+    if scope[0] < kernel[0] or scope[1] < kernel[1]:
+        raise ValueError(
+            f"{op}: kernel_size {fmt(kernel)} exceeds the weight's scope {fmt(scope)}; "
+            f"the scope must be at least the kernel size on each axis"
+        )
+
+
 def _check_bias(op: str, input, weight, bias) -> None:
     if bias is None:
         return
@@ -159,12 +168,7 @@ def check_deform_kernel2d(
     if not isinstance(offset_groups, int) or offset_groups < 1:
         raise ValueError(f"{op}: offset_groups must be a positive int, got {offset_groups!r}")
     _check_weight(op, input, weight, groups)
-    scope = tuple(weight.shape[2:])
-    if scope[0] < kernel[0] or scope[1] < kernel[1]:
-        raise ValueError(
-            f"{op}: kernel_size {fmt(kernel)} exceeds the weight's scope {fmt(scope)}; "
-            f"the scope must be at least the kernel size on each axis"
-        )
+    _check_scope(op, kernel, weight)
     c_in = input.shape[1]
     if c_in % offset_groups:
         raise ValueError(
@@ -215,9 +219,7 @@ def check_resample_kernel(weight, offset, kernel_size, offset_groups, groups) ->
     if not isinstance(offset_groups, int) or offset_groups < 1 or c_in % offset_groups:
         raise ValueError(f"{op}: offset_groups={offset_groups!r} must divide the {c_in} input "
                          f"channels")
-    scope = tuple(weight.shape[2:])
-    if scope[0] < kernel[0] or scope[1] < kernel[1]:
-        raise ValueError(f"{op}: kernel_size {fmt(kernel)} exceeds the weight's scope {fmt(scope)}")
+    _check_scope(op, kernel, weight)
     if not isinstance(offset, torch.Tensor):
         raise ValueError(f"{op}: offset must be a torch.Tensor, got {type(offset).__name__}")
     if offset.device != weight.device or offset.dtype != weight.dtype:
