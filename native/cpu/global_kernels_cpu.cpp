@@ -175,7 +175,7 @@ void fill_global_kernels(const math::GlobalKernelShape& shape, const scalar_t* w
 }
 
 // The dot products of g with four rows in one pass, as independent sums (one
-// sum per loop waited on its own adds: a fifth of the backward's time).
+// sum per loop waited on its own adds: a fifth of the backward's perf samples).
 template <typename T>
 ERFTOOL_ALWAYS_INLINE void four_dots(int64_t n, const T* __restrict g, const T* const r[4],
                                      T* dots) {
