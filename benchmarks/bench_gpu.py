@@ -130,7 +130,7 @@ def make_ops(n, c, o, hw, dtype, groups=1, scope=4, k=3, dev="cuda"):
     return leaves, grad, calls
 
 
-GLOBAL_FORMS = ("gemm_one_product", "gemm_tap_sums", "size_rule")
+GLOBAL_FORMS = ("gemm_one_product", "gemm_tap_sums", "grouped_conv")
 
 
 @contextlib.contextmanager
@@ -139,9 +139,8 @@ def forced_global_form(variant):
     from erftool.ops import _global_gemm, _global_kernel
 
     saved = _global_kernel.form, _global_gemm.layout
-    if variant == "size_rule":  # the CPU's choice: per tap, or a grouped convolution
-        _global_kernel.form = lambda i, w, g: (
-            "tapwise" if _global_kernel._kernels_outweigh_image(w.shape[1], g) else "conv")
+    if variant == "grouped_conv":  # the CPU's form (before, "size_rule": it or per tap)
+        _global_kernel.form = lambda i, w, g: "conv"
     else:
         _global_kernel.form = lambda i, w, g: "gemm"
         _global_gemm.layout = lambda i, w, g: variant[len("gemm_"):]

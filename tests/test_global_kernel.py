@@ -55,11 +55,6 @@ def assert_half_type_tap_sums_kept_in_float32():
     torch.testing.assert_close(grads[1], x)  # d out / d weight = input
 
 
-def test_global_kernel_small_map_sums_taps_in_float32_for_half_types():
-    assert _global_kernel._kernels_outweigh_image(1, HALF_TAP_SUM_GEOMETRY)  # tap-by-tap form
-    assert_half_type_tap_sums_kept_in_float32()
-
-
 @pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 2), (2, 4), (3, 1)])
 def test_fast_resample_kernel_matches_the_oracle_with_gradients(groups, offset_groups):
     g = torch.Generator().manual_seed(0)
@@ -94,39 +89,36 @@ def test_resample_kernel_follows_the_backend_in_force():
 
 @pytest.mark.parametrize("images_per_chunk", [1, 2])
 @pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 2)])
-def test_tapwise_form_by_image_chunks_matches_the_oracle(monkeypatch, images_per_chunk, groups,
-                                                         offset_groups):
+def test_conv_form_by_image_chunks_matches_the_oracle(monkeypatch, images_per_chunk, groups,
+                                                      offset_groups):
     # 3 images in chunks of 1 or 2 (an uneven last chunk): every chunk's output,
-    # input, coefficient and weight gradients must land in the right place.
+    # input, weight and offset gradients must land in the right place.
     g = torch.Generator().manual_seed(2)
     w = torch.randn(6, 12 // groups, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
     geom = _args.Geometry((3, 3), (1, 1), (1, 1), (1, 1), groups, offset_groups, 1, (3, 3))
-    assert _global_kernel._kernels_outweigh_image(w.shape[1], geom)  # the tap-by-tap form
     per_image = w.shape[0] * w.shape[1] * geom.taps * w.element_size()
-    monkeypatch.setattr(_global_kernel, "_KERNEL_CHUNK_BYTES", images_per_chunk * per_image)
-    assert len(_global_kernel._image_chunks(3, w, geom)) == -(-3 // images_per_chunk)
+    monkeypatch.setattr(_native, "chunk_bytes", lambda: images_per_chunk * per_image)
+    x = torch.randn(3, 12, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert _global_kernel.form(x, w, geom) == "conv"
+    assert len(_global_kernel._image_chunks(x, w, geom)) == -(-3 // images_per_chunk)
     off = torch.randn(3, 2 * offset_groups * 9, dtype=torch.float64,
                       generator=g).requires_grad_(True)
-    x = torch.randn(3, 12, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
     assert_operator_matches_reference(x, w, off, g, kernel_size=3, padding=1, groups=groups,
                                       offset_groups=offset_groups)
 
 
-@pytest.mark.parametrize("channels, size", [(2, 9), (12, 3)], ids=["conv_form", "tap_form"])
-def test_non_finite_global_offsets_contribute_nothing(channels, size):
+def test_non_finite_global_offsets_contribute_nothing():
     # A NaN, infinite or huge offset puts its tap's sample off the scope: the
     # tap reads zero weight and gets a zero offset gradient, exactly as with a
     # finite offset far outside, and no index is computed from the bad value.
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, channels, size, size, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(3, channels, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(2, 2, 9, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
     off = 0.5 * torch.randn(2, 18, dtype=torch.float64, generator=g)
     off[0, 0], off[0, 5], off[1, 8], off[1, 11] = float("nan"), float("inf"), float("-inf"), 1e30
     far = off.clone()
     far[~torch.isfinite(far) | (far.abs() > 1e20)] = 1e6
     off.requires_grad_(True), far.requires_grad_(True)
-    geom = _args.Geometry((3, 3), (1, 1), (1, 1), (1, 1), 1, 1, 1, (size, size))
-    assert _global_kernel._kernels_outweigh_image(channels, geom) == (channels == 12)
     assert_operator_matches_reference(x, w, off, g, kernel_size=3, padding=1)
     out_bad = ops.deform_kernel2d(x, w, off, kernel_size=3, padding=1)
     out_far = ops.deform_kernel2d(x, w, far, kernel_size=3, padding=1)
@@ -193,12 +185,12 @@ def test_gemm_form_keeps_half_type_sums_in_float32(gemm_form, monkeypatch, layou
     assert_half_type_tap_sums_kept_in_float32()
 
 
-def test_global_dk_form_on_cpu_follows_the_sizes():
+def test_global_dk_on_cpu_takes_the_grouped_convolution():
     # (on CUDA: test_ops_cuda.py::test_global_dk_runs_the_gemm_form_on_cuda)
-    w = torch.zeros(4, 12, 4, 4)
-    for size, expected in ((3, "tapwise"), (12, "conv")):
+    for channels, size in ((12, 3), (2, 12)):  # kernels larger, image larger
         geom = _args.Geometry((3, 3), (1, 1), (1, 1), (1, 1), 1, 1, 1, (size, size))
-        assert _global_kernel.form(torch.zeros(2, 12, size, size), w, geom) == expected
+        w = torch.zeros(4, channels, 4, 4)
+        assert _global_kernel.form(torch.zeros(2, channels, size, size), w, geom) == "conv"
 
 
 @pytest.mark.parametrize("layout", ["one_product", "tap_sums"])
@@ -340,8 +332,9 @@ def test_native_global_kernels_match_the_oracle(case, tap_major):
 
 @pytest.mark.parametrize("tap_major", [False, True], ids=["channel_major", "tap_major"])
 def test_native_global_kernels_in_float32_track_float64(tap_major):
-    # float32 with runs of 16 channels: the CPU kernel's streaming stores (whole
-    # aligned vectors, tap-major) and its in-place backward.
+    # float32 with runs of 8 channels: the CPU kernel's streaming stores (whole
+    # aligned vectors: in place tap-major, a transposed block channel-major),
+    # its in-place tap-major backward and its transposed channel-major one.
     assert _native.load_native() is not None, _native.native_error()
     g = torch.Generator().manual_seed(19)
     w = torch.randn(5, 16, 4, 4, dtype=torch.float64, generator=g)

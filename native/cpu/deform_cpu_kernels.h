@@ -247,6 +247,30 @@ ERFTOOL_ALWAYS_INLINE void corner_sum_stream(int64_t n, const CornerRows<T>& r, 
   corner_sum<false>(n, T(1), r, y);
 }
 
+// dst[i] = src[i] for i < n, as scalar_t, with streaming stores where they
+// apply (see corner_sum_stream): a whole channel-major kernel block of the
+// global DK at a time.
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx"))) inline void stream_copy_avx(const float* src, float* dst,
+                                                            int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+}
+#endif
+
+template <typename T, typename scalar_t>
+ERFTOOL_ALWAYS_INLINE void stream_copy(int64_t n, const T* src, scalar_t* dst) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<scalar_t, float>) {
+    static const bool avx = __builtin_cpu_supports("avx");
+    if (avx && reinterpret_cast<uintptr_t>(dst) % 32 == 0 && n % 8 == 0) {
+      stream_copy_avx(src, dst, n);
+      return;
+    }
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
 inline void stream_fence() {
 #if defined(__GNUC__) && defined(__x86_64__)
   _mm_sfence();

@@ -78,12 +78,13 @@ constexpr int64_t kChannelsPerTask = 8;
 template <typename acc>
 struct TaskScratch {
   int64_t plane_size;
-  std::vector<acc> plane, cells, row;  // (cg, S), per channel (S, cg), (K, cg)
+  std::vector<acc> plane, cells, row, block;  // (cg, S), per channel (S, cg), (K, cg), (cg, K)
   explicit TaskScratch(const math::GlobalKernelShape& s)
       : plane_size(s.cg * s.scope_h * s.scope_w),
         plane(plane_size),
         cells(kChannelsPerTask * plane_size),
-        row(s.cg * s.kh * s.kw) {}
+        row(s.cg * s.kh * s.kw),
+        block(row.size()) {}
 
   // Channel o0 + j's scope planes, cell-major: each cell one run over c.
   template <typename scalar_t>
@@ -99,15 +100,23 @@ struct TaskScratch {
   acc* channel_cells(int64_t j) { return cells.data() + j * plane_size; }
 };
 
-// Image n's kernel row of o, (K, cg), to or from either layout.
+// Image n's kernel row of o, (K, cg), to either layout. Channel-major, the
+// (n, o) block is contiguous: transposed in `block`, then streamed out whole
+// (element by element with plain stores: 2.8 ms for 8 x 256 -> 256 channels,
+// against 0.65 ms for the tap-major kernels streamed in place).
 template <typename acc, typename scalar_t>
 void store_row(const math::GlobalKernelShape& shape, bool tap_major, int64_t n, int64_t o,
-               const acc* row, scalar_t* out) {
-  const int64_t taps = shape.kh * shape.kw, step = tap_major ? 1 : taps;
+               const acc* row, acc* block, scalar_t* out) {
+  const int64_t taps = shape.kh * shape.kw;
+  if (!tap_major) {
+    transpose_block(row, shape.cg, block, taps, 0, taps, 0, shape.cg);
+    stream_copy(shape.cg * taps, block, out + math::global_kernel_index(shape, false, n, o, 0, 0));
+    return;
+  }
   for (int64_t k = 0; k < taps; ++k) {
     scalar_t* dst = out + math::global_kernel_index(shape, tap_major, n, o, 0, k);
     for (int64_t c = 0; c < shape.cg; ++c)
-      dst[c * step] = static_cast<scalar_t>(row[k * shape.cg + c]);
+      dst[c] = static_cast<scalar_t>(row[k * shape.cg + c]);
   }
 }
 
@@ -125,10 +134,20 @@ auto in_place_run(const math::GlobalKernelShape& shape, bool tap_major, scalar_t
   return Run(nullptr);
 }
 
+// The inverse of store_row: channel-major blocks of the accumulation type are
+// transposed whole (element by element, 4.4 ms for the backward of 8 x 256 ->
+// 256 channels).
 template <typename acc, typename scalar_t>
 void load_row(const math::GlobalKernelShape& shape, bool tap_major, int64_t n, int64_t o,
               const scalar_t* in, acc* row) {
   const int64_t taps = shape.kh * shape.kw, step = tap_major ? 1 : taps;
+  if constexpr (std::is_same_v<acc, scalar_t>) {
+    if (!tap_major) {
+      transpose_block(in + math::global_kernel_index(shape, false, n, o, 0, 0), taps, row,
+                      shape.cg, 0, shape.cg, 0, taps);
+      return;
+    }
+  }
   for (int64_t k = 0; k < taps; ++k) {
     const scalar_t* src = in + math::global_kernel_index(shape, tap_major, n, o, 0, k);
     for (int64_t c = 0; c < shape.cg; ++c)
@@ -167,7 +186,7 @@ void fill_global_kernels(const math::GlobalKernelShape& shape, const scalar_t* w
             }
           }
           if (!in_place_run<acc>(shape, tap_major, out, n, o, 0, 0))
-            store_row(shape, tap_major, n, o, scratch.row.data(), out);
+            store_row(shape, tap_major, n, o, scratch.row.data(), scratch.block.data(), out);
         }
     }
     stream_fence();
