@@ -175,6 +175,7 @@ def measure(ops, name, p, backend, repeats, warmup, anchors=None):
 
 def run(args):
     torch.set_num_threads(args.threads)
+    print(f"cpu: {_cpu_name()} {_cpu_identity()}", flush=True)
     ops = _op_api()
     if ops is None:
         sys.exit("erftool.ops is not importable")
@@ -201,7 +202,8 @@ def run(args):
     _summary(rows)
     if args.json:
         meta = dict(threads=args.threads, repeats=args.repeats, torch=torch.__version__,
-                    cpu=_cpu_name(), machine=platform.machine(), dtype="float32",
+                    cpu=_cpu_name(), **_cpu_identity(), machine=platform.machine(),
+                    dtype="float32",
                     allocator=args.allocator,
                     malloc_env={k: os.environ.get(k) for k in STEADY_MALLOC})
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -253,14 +255,33 @@ def _summary(rows):
                   f"{'ok' if ok else 'MISSED'}")
 
 
-def _cpu_name():
+def _cpu_fields():
+    """The first processor's fields of /proc/cpuinfo ({} elsewhere)."""
+    fields = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor()
+    return fields
+
+
+def _cpu_name():
+    return _cpu_fields().get("model name") or platform.processor()
+
+
+def _cpu_identity():
+    """What the ratios depend on beyond the model name, which a VM may report
+    as a bare "AMD EPYC": family and model (AMD family 25 is Zen 3 from model 0
+    and Zen 4 from model 16), and the vector ISA ATen (hence oneDNN's conv2d
+    baseline) dispatches to."""
+    fields = _cpu_fields()
+    return dict(cpu_family=fields.get("cpu family"), cpu_model=fields.get("model"),
+                avx512f="avx512f" in fields.get("flags", "").split(),
+                aten_cpu_capability=torch.backends.cpu.get_cpu_capability())
 
 
 def main(argv=None):

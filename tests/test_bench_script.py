@@ -42,6 +42,7 @@ def test_quick_run_records_its_allocator(tmp_path, allocator):
     assert data["meta"]["allocator"] == allocator
     expected = STEADY if allocator == "steady" else {k: None for k in STEADY}
     assert data["meta"]["malloc_env"] == expected
+    assert data["meta"]["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     ops = {(r["op"], r["backend"]) for r in data["rows"]}
     assert {("conv3x3", "onednn"), ("dk_s4", "native"), ("dc", "native")} <= ops
 
