@@ -25,7 +25,6 @@
 #include <erftool/global_kernels_op.h>
 
 #include "deform_cpu_kernels.h"  // corner_rows, corner_sum(_stream), axpy
-#include "isa_dispatch.h"        // ERFTOOL_ISA_VARIANTS
 #include "layout_cpu.h"          // transpose_block
 
 namespace erftool {
@@ -156,67 +155,40 @@ void load_row(const math::GlobalKernelShape& shape, bool tap_major, int64_t n, i
   }
 }
 
-// What every task of fill_global_kernels reads and writes.
-template <typename scalar_t>
-struct FillJob {
-  using acc = at::opmath_type<scalar_t>;
-  const math::GlobalKernelShape& shape;
-  const scalar_t* weight;
-  bool tap_major;
-  scalar_t* out;
-  const std::vector<math::BilinearCorners<acc>>& corners;  // corner_table
-  const std::vector<std::vector<ChannelRun>>& runs;        // channel_runs
-  const acc* zeros;                                        // cg zeros
-};
-
-// One task: output channels [o0, o0 + kChannelsPerTask) of every image.
-// Compiled for AVX2 + FMA where the CPU has them (the extension's baseline is
-// SSE2): the channel-major kernels took 1.9 ms for 8 x 256 -> 256 channels
-// with 4-wide corner sums.
-template <typename scalar_t>
-ERFTOOL_ALWAYS_INLINE void fill_task(const FillJob<scalar_t>* job,
-                                     TaskScratch<at::opmath_type<scalar_t>>* scratch,
-                                     int64_t task) {
-  using acc = at::opmath_type<scalar_t>;
-  const math::GlobalKernelShape& shape = job->shape;
-  const int64_t taps = shape.kh * shape.kw, cg = shape.cg;
-  const int64_t o0 = task * kChannelsPerTask;
-  const int64_t count = std::min(shape.c_out, o0 + kChannelsPerTask) - o0;
-  scratch->load_cells(shape, job->weight, o0, count);
-  for (int64_t n = 0; n < shape.n; ++n)
-    for (int64_t j = 0; j < count; ++j) {
-      const int64_t o = o0 + j;
-      for (const ChannelRun& run : job->runs[o / (shape.c_out / shape.groups)]) {
-        const auto* mine = job->corners.data() + (n * shape.offset_groups + run.group) * taps;
-        for (int64_t k = 0; k < taps; ++k) {
-          const CornerRows<acc> rows =
-              corner_rows(mine[k], scratch->channel_cells(j) + run.c0, cg, job->zeros);
-          if (acc* dst = in_place_run<acc>(shape, job->tap_major, job->out, n, o, run.c0, k))
-            corner_sum_stream(run.c1 - run.c0, rows, dst);
-          else
-            corner_sum<false>(run.c1 - run.c0, acc(1), rows,
-                              scratch->row.data() + k * cg + run.c0);
-        }
-      }
-      if (!in_place_run<acc>(shape, job->tap_major, job->out, n, o, 0, 0))
-        store_row(shape, job->tap_major, n, o, scratch->row.data(), scratch->block.data(),
-                  job->out);
-    }
-}
-ERFTOOL_ISA_VARIANTS(fill_task)
-
 template <typename scalar_t>
 void fill_global_kernels(const math::GlobalKernelShape& shape, const scalar_t* weight,
                          const scalar_t* offset, bool tap_major, scalar_t* out) {
   using acc = at::opmath_type<scalar_t>;
+  const int64_t taps = shape.kh * shape.kw, cg = shape.cg;
   const auto corners = corner_table<acc>(shape, offset);
   const auto runs = channel_runs(shape);
-  const std::vector<acc> zeros(static_cast<size_t>(shape.cg), acc(0));
-  const FillJob<scalar_t> job{shape, weight, tap_major, out, corners, runs, zeros.data()};
+  const std::vector<acc> zeros(static_cast<size_t>(cg), acc(0));
   const int64_t tasks = (shape.c_out + kChannelsPerTask - 1) / kChannelsPerTask;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     TaskScratch<acc> scratch(shape);
-    for (int64_t task = begin; task < end; ++task) fill_task_isa<scalar_t>(&job, &scratch, task);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t o0 = task * kChannelsPerTask;
+      const int64_t count = std::min(shape.c_out, o0 + kChannelsPerTask) - o0;
+      scratch.load_cells(shape, weight, o0, count);
+      for (int64_t n = 0; n < shape.n; ++n)
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t o = o0 + j;
+          for (const ChannelRun& run : runs[o / (shape.c_out / shape.groups)]) {
+            const auto* mine = corners.data() + (n * shape.offset_groups + run.group) * taps;
+            for (int64_t k = 0; k < taps; ++k) {
+              const CornerRows<acc> rows = corner_rows(
+                  mine[k], scratch.channel_cells(j) + run.c0, cg, zeros.data());
+              if (acc* dst = in_place_run<acc>(shape, tap_major, out, n, o, run.c0, k))
+                corner_sum_stream(run.c1 - run.c0, rows, dst);
+              else
+                corner_sum<false>(run.c1 - run.c0, acc(1), rows,
+                                  scratch.row.data() + k * cg + run.c0);
+            }
+          }
+          if (!in_place_run<acc>(shape, tap_major, out, n, o, 0, 0))
+            store_row(shape, tap_major, n, o, scratch.row.data(), scratch.block.data(), out);
+        }
+    }
     stream_fence();
   });
 }
@@ -236,103 +208,72 @@ ERFTOOL_ALWAYS_INLINE void four_dots(int64_t n, const T* __restrict g, const T* 
   dots[0] = d0, dots[1] = d1, dots[2] = d2, dots[3] = d3;
 }
 
-// What every task of global_kernels_grads reads and writes.
-template <typename scalar_t>
-struct GradJob {
-  using acc = at::opmath_type<scalar_t>;
-  const math::GlobalKernelShape& shape;
-  const scalar_t* grad;
-  const scalar_t* weight;
-  bool tap_major;
-  scalar_t* grad_weight;  // null: not wanted
-  acc* partial;           // per task, two sums per sample; null: no offset gradient
-  const std::vector<math::BilinearCorners<acc>>& corners;
-  const std::vector<std::vector<ChannelRun>>& runs;
-  const acc* zeros;
-};
-
-// One task of global_kernels_grads: output channels [o0, o0 + kChannelsPerTask)
-// of every image; grad_cells (like the scratch's cells) is the task's weight
-// gradient, cell-major. Compiled for AVX2 + FMA where the CPU has them, as
-// fill_task.
-template <typename scalar_t>
-ERFTOOL_ALWAYS_INLINE void grads_task(const GradJob<scalar_t>* job,
-                                      TaskScratch<at::opmath_type<scalar_t>>* scratch,
-                                      at::opmath_type<scalar_t>* grad_cells, int64_t task) {
-  using acc = at::opmath_type<scalar_t>;
-  const math::GlobalKernelShape& shape = job->shape;
-  const int64_t taps = shape.kh * shape.kw, cg = shape.cg, cells = shape.scope_h * shape.scope_w;
-  const int64_t samples = static_cast<int64_t>(job->corners.size());
-  acc* sums = job->partial ? job->partial + task * samples * 2 : nullptr;
-  const int64_t o0 = task * kChannelsPerTask;
-  const int64_t count = std::min(shape.c_out, o0 + kChannelsPerTask) - o0;
-  if (sums) scratch->load_cells(shape, job->weight, o0, count);
-  if (grad_cells) std::fill(grad_cells, grad_cells + scratch->cells.size(), acc(0));
-  for (int64_t n = 0; n < shape.n; ++n)
-    for (int64_t j = 0; j < count; ++j) {
-      const int64_t o = o0 + j;
-      const bool in_place = in_place_run<acc>(shape, job->tap_major, job->grad, n, o, 0, 0);
-      if (!in_place) load_row(shape, job->tap_major, n, o, job->grad, scratch->row.data());
-      for (const ChannelRun& run : job->runs[o / (shape.c_out / shape.groups)]) {
-        const int64_t first = (n * shape.offset_groups + run.group) * taps;
-        const int64_t len = run.c1 - run.c0, at = j * scratch->plane_size + run.c0;
-        for (int64_t k = 0; k < taps; ++k) {
-          const math::BilinearCorners<acc>& cn = job->corners[first + k];
-          const acc* g = in_place ? in_place_run<acc>(shape, true, job->grad, n, o, run.c0, k)
-                                  : scratch->row.data() + k * cg + run.c0;
-          if (grad_cells)
-            for (int i = 0; i < 4; ++i)
-              if (cn.index[i] >= 0) axpy(len, cn.weight[i], g, grad_cells + at + cn.index[i] * cg);
-          if (sums) {  // absent corners read zeros (and have zero slopes)
-            const acc* rows[4];
-            for (int i = 0; i < 4; ++i)
-              rows[i] = cn.index[i] >= 0 ? scratch->cells.data() + at + cn.index[i] * cg
-                                         : job->zeros;
-            acc d[4];
-            four_dots(len, g, rows, d);
-            for (int i = 0; i < 4; ++i) {
-              sums[(first + k) * 2] += d[i] * cn.d_dy[i];
-              sums[(first + k) * 2 + 1] += d[i] * cn.d_dx[i];
-            }
-          }
-        }
-      }
-    }
-  if (grad_cells)  // each channel's (S, cg) back to its (cg, S) planes
-    for (int64_t j = 0; j < count; ++j) {
-      transpose_block(grad_cells + j * scratch->plane_size, cg, scratch->plane.data(), cells, 0,
-                      cells, 0, cg);
-      for (int64_t i = 0; i < scratch->plane_size; ++i)
-        job->grad_weight[(o0 + j) * scratch->plane_size + i] =
-            static_cast<scalar_t>(scratch->plane[i]);
-    }
-}
-ERFTOOL_ISA_VARIANTS(grads_task)
-
 // Gradients of fill_global_kernels from that of its output (same layout):
 // grad_weight (null: not wanted) gets each cell's corner-weighted sum of the
 // kernel gradients; grad_offset (null: not wanted) each sample's slopes times
-// the dot products of its kernel gradients with the corner cells, summed over
-// tasks in task order (the same result whatever the thread count).
+// the dot products of its kernel gradients with the corner cells.
 template <typename scalar_t>
 void global_kernels_grads(const math::GlobalKernelShape& shape, const scalar_t* grad,
                           const scalar_t* weight, const scalar_t* offset, bool tap_major,
                           scalar_t* grad_weight, scalar_t* grad_offset) {
   using acc = at::opmath_type<scalar_t>;
+  const int64_t taps = shape.kh * shape.kw, cg = shape.cg, cells = shape.scope_h * shape.scope_w;
   const auto corners = corner_table<acc>(shape, offset);
   const auto runs = channel_runs(shape);
   const int64_t samples = static_cast<int64_t>(corners.size());
   const int64_t tasks = (shape.c_out + kChannelsPerTask - 1) / kChannelsPerTask;
   std::vector<acc> partial(grad_offset ? tasks * samples * 2 : 0, acc(0));
-  const std::vector<acc> zeros(static_cast<size_t>(shape.cg), acc(0));
-  const GradJob<scalar_t> job{shape, grad, weight, tap_major, grad_weight,
-                              grad_offset ? partial.data() : nullptr, corners, runs,
-                              zeros.data()};
+  const std::vector<acc> zeros(static_cast<size_t>(cg), acc(0));
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     TaskScratch<acc> scratch(shape);
-    std::vector<acc> grad_cells(grad_weight ? scratch.cells.size() : 0);
-    for (int64_t task = begin; task < end; ++task)
-      grads_task_isa<scalar_t>(&job, &scratch, grad_weight ? grad_cells.data() : nullptr, task);
+    std::vector<acc> grad_cells(grad_weight ? scratch.cells.size() : 0);  // like cells
+    for (int64_t task = begin; task < end; ++task) {
+      acc* sums = grad_offset ? partial.data() + task * samples * 2 : nullptr;
+      const int64_t o0 = task * kChannelsPerTask;
+      const int64_t count = std::min(shape.c_out, o0 + kChannelsPerTask) - o0;
+      if (grad_offset) scratch.load_cells(shape, weight, o0, count);
+      std::fill(grad_cells.begin(), grad_cells.end(), acc(0));
+      for (int64_t n = 0; n < shape.n; ++n)
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t o = o0 + j;
+          const bool in_place = in_place_run<acc>(shape, tap_major, grad, n, o, 0, 0);
+          if (!in_place) load_row(shape, tap_major, n, o, grad, scratch.row.data());
+          for (const ChannelRun& run : runs[o / (shape.c_out / shape.groups)]) {
+            const int64_t first = (n * shape.offset_groups + run.group) * taps;
+            const int64_t len = run.c1 - run.c0, at = j * scratch.plane_size + run.c0;
+            for (int64_t k = 0; k < taps; ++k) {
+              const math::BilinearCorners<acc>& cn = corners[first + k];
+              const acc* g = in_place
+                                 ? in_place_run<acc>(shape, true, grad, n, o, run.c0, k)
+                                 : scratch.row.data() + k * cg + run.c0;
+              if (grad_weight)
+                for (int i = 0; i < 4; ++i)
+                  if (cn.index[i] >= 0)
+                    axpy(len, cn.weight[i], g, grad_cells.data() + at + cn.index[i] * cg);
+              if (grad_offset) {  // absent corners read zeros (and have zero slopes)
+                const acc* rows[4];
+                for (int i = 0; i < 4; ++i)
+                  rows[i] = cn.index[i] >= 0 ? scratch.cells.data() + at + cn.index[i] * cg
+                                             : zeros.data();
+                acc d[4];
+                four_dots(len, g, rows, d);
+                for (int i = 0; i < 4; ++i) {
+                  sums[(first + k) * 2] += d[i] * cn.d_dy[i];
+                  sums[(first + k) * 2 + 1] += d[i] * cn.d_dx[i];
+                }
+              }
+            }
+          }
+        }
+      if (grad_weight)  // each channel's (S, cg) back to its (cg, S) planes
+        for (int64_t j = 0; j < count; ++j) {
+          transpose_block(grad_cells.data() + j * scratch.plane_size, cg, scratch.plane.data(),
+                          cells, 0, cells, 0, cg);
+          for (int64_t i = 0; i < scratch.plane_size; ++i)
+            grad_weight[(o0 + j) * scratch.plane_size + i] =
+                static_cast<scalar_t>(scratch.plane[i]);
+        }
+    }
   });
   if (grad_offset)
     for (int64_t i = 0; i < samples * 2; ++i) {
