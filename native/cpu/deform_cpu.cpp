@@ -26,19 +26,11 @@
 #include <vector>
 
 #include "deform_cpu_kernels.h"
-#include "isa_dispatch.h"
 #include "layout_cpu.h"
 
 namespace erftool {
 namespace cpu {
 namespace {
-
-ERFTOOL_ISA_VARIANTS(build_rows)
-ERFTOOL_ISA_VARIANTS(depthwise_rows)
-ERFTOOL_ISA_VARIANTS(backward_rows)
-ERFTOOL_ISA_VARIANTS(depthwise_backward_rows)
-ERFTOOL_ISA_VARIANTS(input_grad_gather)
-ERFTOOL_ISA_VARIANTS(input_grad_scatter)
 
 // ------------------------------------------------------------ arguments
 
@@ -432,7 +424,7 @@ void depthwise_forward_images(const Geometry& g, const Tensors<T>& t, const at::
     T* xb = xbuf.data_ptr<T>() + tid * image;
     T* ob = obuf.data_ptr<T>() + tid * rows;
     band_rows_into(x, g.C, g.H, g.W, RowBand{n, 1, 0, g.H}, xb);
-    depthwise_rows_isa<T>(image_ctx(g, segs, t, n, xb), int64_t(0), g.Ho * g.Wo, ob);
+    depthwise_rows<T>(image_ctx(g, segs, t, n, xb), int64_t(0), g.Ho * g.Wo, ob);
     rows_into_band(ob, g.O, g.Ho, g.Wo, RowBand{n, 1, 0, g.Ho}, o);
   });
 }
@@ -457,9 +449,9 @@ void forward_impl(const Geometry& g, const Tensors<T>& t, const at::Tensor& w,
     const Ctx<T> c = make_ctx(g, segs, t, ch);
     parallel_blocks(ch.positions(g), grain, [&](int64_t b, int64_t e) {
       if (g.depthwise)
-        depthwise_rows_isa<T>(c, b, e, bp);
+        depthwise_rows<T>(c, b, e, bp);
       else
-        build_rows_isa<T>(c, b, e, bp);
+        build_rows<T>(c, b, e, bp);
     });
     if (g.depthwise) {
       rows_to_band(buf, ch, out);
@@ -544,7 +536,7 @@ void input_grad_pass(const Geometry& g, const Ctx<T>& c, const Grad& gr, T* gin)
     const int64_t hi = std::min<int64_t>(g.H, (c.y0 + c.rows - 1) * g.sh - g.ph + (g.Kh - 1) * g.dh + 1);
     if (hi <= lo) return;
     parallel_blocks(c.nc * (hi - lo), 1, [&](int64_t b, int64_t e) {
-      input_grad_gather_isa<T>(c, gr, lo, hi, b, e, gin);
+      input_grad_gather<T>(c, gr, lo, hi, b, e, gin);
     });
   } else {
     // Whole-image tasks when there are enough images (the tap corners are
@@ -553,7 +545,7 @@ void input_grad_pass(const Geometry& g, const Ctx<T>& c, const Grad& gr, T* gin)
     while (tile > 16 && c.nc * ((g.C + tile - 1) / tile) < at::get_num_threads()) tile = (tile + 1) / 2;
     const int64_t tasks = c.nc * ((g.C + tile - 1) / tile);
     parallel_blocks(tasks, 1, [&](int64_t b, int64_t e) {
-      input_grad_scatter_isa<T>(c, gr, tile, b, e, gin);
+      input_grad_scatter<T>(c, gr, tile, b, e, gin);
     });
   }
 }
@@ -570,7 +562,7 @@ void backward_chunk(const Geometry& g, const Ctx<T>& c, const Chunk& ch, const D
   po.gin = fused_input ? gin : nullptr;
   if (po.col || need.offsets() || po.gin)
     row_block_phases(g, ch, ch.rows, [&](int64_t b, int64_t e, int64_t) {
-      backward_rows_isa<T>(c, gr, po, b, e);
+      backward_rows<T>(c, gr, po, b, e);
     });
   if (gin && !fused_input) input_grad_pass(g, c, gr, gin);
 }
@@ -667,7 +659,7 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
     po.offsets = out.ptrs();
     po.col = need.weight ? col[tid].template data_ptr<T>() : nullptr;
     po.gin = gin;  // bands of one image run in order on one thread (data offsets)
-    backward_rows_isa<T>(c, gr, po, int64_t(0), P);
+    backward_rows<T>(c, gr, po, int64_t(0), P);
     if (need.weight) {
       at::Tensor acc_slot = acc[slot];
       gemm_weight_grad_add(gout, col[tid].narrow(0, 0, P * L).view({1, ch.rows, g.Wo, L}),
@@ -765,7 +757,7 @@ at::Tensor depthwise_backward_images(const Geometry& g, const Tensors<T>& t,
       std::fill(ib, ib + image, T(0));
       po.gin = ib, po.gin_n0 = n;
     }
-    depthwise_backward_rows_isa<T>(image_ctx(g, segs, t, n, xb), static_cast<const T*>(gb), po,
+    depthwise_backward_rows<T>(image_ctx(g, segs, t, n, xb), static_cast<const T*>(gb), po,
                                    int64_t(0), g.Ho * g.Wo);
     if (ib) rows_into_band(ib, g.C, g.H, g.W, RowBand{n, 1, 0, g.H}, gi.data_ptr<T>());
   });
@@ -802,7 +794,7 @@ at::Tensor backward_depthwise(const Geometry& g, const Tensors<T>& t, const at::
     auto pass = [&](int64_t b, int64_t e, int64_t block) {
       DepthwiseOutputs<T> mine = po;
       if (need.weight) mine.wacc = parts.template data_ptr<T>() + block * g.S2 * g.C;
-      depthwise_backward_rows_isa<T>(c, go, mine, b, e);
+      depthwise_backward_rows<T>(c, go, mine, b, e);
     };
     if (need.weight || need.offsets() || po.gin) row_block_phases(g, ch, kDepthwiseRowBlocks, pass);
     if (gin && !fused_input)
