@@ -26,8 +26,16 @@ memory (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_): the steady state of a
 caching allocator such as jemalloc or tcmalloc, for the baseline and our ops
 alike. --allocator system keeps glibc's defaults.
 
+Processes: on the 2-core VM, a process's speed is set at its start and can
+differ by up to 2x from the next one's (conv2d 56^2x64 forward at 9-17 ms in
+five processes in a row, each steady within itself), and our ops do not move in
+step with conv2d. --processes K runs the whole measurement in K fresh
+processes, one after another, and reports per row the median over them of
+every time and ratio.
+
 Usage:
-    python benchmarks/bench_ops.py [--threads 2] [--repeats 5] [--quick] [--json out.json]
+    python benchmarks/bench_ops.py [--threads 2] [--repeats 5] [--processes 3]
+                                   [--quick] [--json out.json]
 """
 from __future__ import annotations
 
@@ -36,7 +44,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -200,14 +210,62 @@ def run(args):
                 _print(rows[-1], base["conv3x3"])
     _add_ratios(rows)
     _summary(rows)
+    _write(args, rows)
+
+
+def _write(args, rows):
     if args.json:
-        meta = dict(threads=args.threads, repeats=args.repeats, torch=torch.__version__,
-                    cpu=_cpu_name(), **_cpu_identity(), machine=platform.machine(),
-                    dtype="float32",
-                    allocator=args.allocator,
+        meta = dict(threads=args.threads, repeats=args.repeats, processes=args.processes,
+                    torch=torch.__version__, cpu=_cpu_name(), **_cpu_identity(),
+                    machine=platform.machine(), dtype="float32", allocator=args.allocator,
                     malloc_env={k: os.environ.get(k) for k in STEADY_MALLOC})
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"wrote {args.json}")
+
+
+def median_rows(runs):
+    """Rows of several processes' runs (same rows in the same order) as one set:
+    each numeric field the median over the runs that have it."""
+    merged = []
+    for same in zip(*runs):
+        row = dict(same[0])
+        for key in {k for r in same for k, v in r.items() if isinstance(v, float)}:
+            values = [r[key] for r in same if key in r]
+            row[key] = statistics.median(values)
+        merged.append(row)
+    return merged
+
+
+def run_in_processes(args, argv):
+    """The measurement in args.processes fresh processes; their median rows."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            out = Path(tmp) / f"run{i}.json"
+            child = [*_without_option(argv, "--json"), "--processes", "1", "--json", str(out)]
+            print(f"process {i + 1} of {args.processes}", flush=True)
+            subprocess.run([sys.executable, os.path.abspath(__file__), *child], check=True)
+            runs.append(json.loads(out.read_text())["rows"])
+    rows = median_rows(runs)
+    print(f"\nmedian over {args.processes} processes:")
+    conv = {r["shape"]: r for r in rows if r["op"] == "conv3x3"}
+    for r in rows:
+        _print(r, conv[r["shape"]])
+    _summary(rows)
+    _write(args, rows)
+
+
+def _without_option(argv, name):
+    """argv without `name value` / `name=value`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
 
 
 def _add_ratios(rows):
@@ -292,6 +350,8 @@ def main(argv=None):
     ap.add_argument("--ref-repeats", type=int, default=1)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--quick", action="store_true", help="first shape only")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="run in this many fresh processes; report the medians")
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--allocator", choices=["steady", "system"], default="steady",
                     help="steady: glibc keeps freed memory (default); system: glibc defaults")
@@ -302,7 +362,10 @@ def main(argv=None):
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv],
                   {**os.environ, **STEADY_MALLOC})
     print(f"allocator: {args.allocator}", flush=True)
-    run(args)
+    if args.processes > 1:
+        run_in_processes(args, argv)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,32 @@ def test_quick_run_records_its_allocator(tmp_path, allocator):
     assert {("conv3x3", "onednn"), ("dk_s4", "native"), ("dc", "native")} <= ops
 
 
+def test_process_medians_take_each_field_over_the_processes():
+    bench = _script_module()
+    runs = [[{"shape": "s", "op": "dk_s4", "fwd_ms": t, "paired_ratio_fwdbwd": r}]
+            for t, r in ((10.0, 3.2), (30.0, 2.8), (20.0, 2.9))]
+    runs[1][0]["fwdbwd_error"] = "x"
+    (row,) = bench.median_rows(runs)
+    assert (row["shape"], row["op"], row["fwd_ms"], row["paired_ratio_fwdbwd"]) == (
+        "s", "dk_s4", 20.0, 2.9)
+    assert bench._without_option(["--quick", "--json", "a", "--json=b", "-x"], "--json") == [
+        "--quick", "-x"]
+
+
+@pytest.mark.skipif(_native.load_native() is None, reason="native module unavailable")
+def test_run_in_two_processes_writes_their_medians(tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--repeats", "1", "--warmup", "0",
+         "--no-reference", "--processes", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("process ") == 2 and "median over 2 processes" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["processes"] == 2
+    assert {r["op"] for r in data["rows"]} >= {"conv3x3", "dk_s4", "dc"}
+
+
 @pytest.mark.skipif(_native.load_native() is None, reason="native module unavailable")
 def test_host_overhead_benchmark_writes_every_op(tmp_path):
     script = SCRIPT.with_name("bench_host.py")
