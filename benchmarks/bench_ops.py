@@ -284,13 +284,15 @@ def _add_ratios(rows):
 
 
 def _print(r, conv):
+    """One row; its ratios to conv, unless it carries them (the medians over
+    processes of each process's ratios)."""
     fb = r.get("fwdbwd_ms")
-    ratio_f = r["fwd_ms"] / conv["fwd_ms"]
+    ratio_f = r.get("ratio_fwd", r["fwd_ms"] / conv["fwd_ms"])
     text = f"{r['shape']:16s} {r['op']:10s} {r['backend']:9s} fwd {r['fwd_ms']:9.1f} ms ({ratio_f:5.2f}x)"
     if "paired_ratio_fwd" in r:
         text += f" [paired {r['paired_ratio_fwd']:5.2f}x]"
     if fb is not None:
-        text += f"  fwd+bwd {fb:9.1f} ms ({fb / conv['fwdbwd_ms']:5.2f}x)"
+        text += f"  fwd+bwd {fb:9.1f} ms ({r.get('ratio_fwdbwd', fb / conv['fwdbwd_ms']):5.2f}x)"
     if "paired_ratio_fwdbwd" in r:
         text += f" [paired {r['paired_ratio_fwdbwd']:5.2f}x]"
     elif "fwdbwd_error" in r:
