@@ -11,8 +11,8 @@ On CPU (and for depthwise layers on GPUs) each image is then convolved with
 its kernels by a grouped convolution with the batch folded into the groups,
 in chunks of images that bound the kernels' memory. A tap-by-tap form
 (batched matrix products per tap, once chosen on small maps with many
-channels) lost to it at every shape timed once the kernels were streamed out
-channel-major (benchmarks/RESULTS.md), and was dropped. On GPUs the
+channels) lost to it at every shape timed (benchmarks/RESULTS.md), and was
+dropped. On GPUs the
 per-image convolution is batched matrix products of each image's kernel with
 its input windows (erftool/ops/_global_gemm.py).
 Forward and backward are written out by hand: no autograd graph.

@@ -102,8 +102,8 @@ struct TaskScratch {
 
 // Image n's kernel row of o, (K, cg), to either layout. Channel-major, the
 // (n, o) block is contiguous: transposed in `block`, then streamed out whole
-// (element by element with plain stores: 2.8 ms for 8 x 256 -> 256 channels,
-// against 0.65 ms for the tap-major kernels streamed in place).
+// (8 x 256 -> 256 channels: 1.2-1.6 ms; element by element with plain stores
+// 2.8 ms; the tap-major kernels, streamed in place, 0.65-0.9 ms).
 template <typename acc, typename scalar_t>
 void store_row(const math::GlobalKernelShape& shape, bool tap_major, int64_t n, int64_t o,
                const acc* row, acc* block, scalar_t* out) {
