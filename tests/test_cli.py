@@ -301,7 +301,10 @@ def test_speed_panels_reads_both_benchmark_layouts(tmp_path):
     panels, device = speed_panels(json.loads(_fake_bench(tmp_path).read_text()))
     assert set(panels) == {"forward", "forward + backward"}
     assert panels["forward"]["56x56_c64"] == {"conv3x3": 1.0, "dk_s4": 2.0}  # no reference
-    assert "test cpu" in device
+    assert "test cpu" in device and "processes" not in device
+    merged = json.loads(_fake_bench(tmp_path).read_text())
+    merged["meta"]["processes"] = 3  # bench_ops.py --processes 3
+    assert speed_panels(merged)[1].endswith("median of 3 processes")
     gpu = {"environment": {"device": "GPU"}, "results": [
         {"shape": "s", "dtype": "float32", "ms": {"conv2d": {"fwd": 1, "fwd_bwd": 2},
                                                   "local_dk": {"error": "x"}}},

@@ -147,6 +147,8 @@ def speed_panels(data) -> tuple[dict, str]:
         device = f"{device}, {env['threads']} threads"
     if keep:
         device = f"{device}, {keep}" if device else str(keep)
+    if (env.get("processes") or 1) > 1:  # bench_ops.py --processes
+        device = f"{device}, median of {env['processes']} processes"
     return panels, str(device)
 
 
