@@ -219,7 +219,10 @@ def _write(args, rows):
                     torch=torch.__version__, cpu=_cpu_name(), **_cpu_identity(),
                     machine=platform.machine(), dtype="float32", allocator=args.allocator,
                     malloc_env={k: os.environ.get(k) for k in STEADY_MALLOC})
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        path = Path(args.json)
+        partial = path.with_name(path.name + ".partial")  # never a half-written file
+        partial.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        os.replace(partial, path)
         print(f"wrote {args.json}")
 
 
