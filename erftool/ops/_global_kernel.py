@@ -12,9 +12,8 @@ its kernels by a grouped convolution with the batch folded into the groups,
 in chunks of images that bound the kernels' memory. A tap-by-tap form
 (batched matrix products per tap, once chosen on small maps with many
 channels) lost to it at every shape timed (benchmarks/RESULTS.md), and was
-dropped. On GPUs the
-per-image convolution is batched matrix products of each image's kernel with
-its input windows (erftool/ops/_global_gemm.py).
+dropped. On GPUs the per-image convolution is batched matrix products of each
+image's kernel with its input windows (erftool/ops/_global_gemm.py).
 Forward and backward are written out by hand: no autograd graph.
 """
 from __future__ import annotations
@@ -78,9 +77,9 @@ def resample_kernel(weight: Tensor, offset: Tensor, kernel_size, offset_groups: 
 # ---------------------------------------------------------------- per-image convolution
 
 def _image_chunks(input: Tensor, weight: Tensor, geom: _args.Geometry) -> List[slice]:
-    """Slices of the batch whose kernels (and their gradient, in the backward)
-    fit _native.chunk_bytes(): they outweigh the images on small maps with
-    many channels (19 MB for 8 images of 256 -> 256 channels)."""
+    """Slices of the batch whose kernels fit _native.chunk_bytes() (the
+    backward holds their gradient too, as much again): they outweigh the images
+    on small maps with many channels (19 MB for 8 images of 256 -> 256)."""
     n = input.shape[0]
     per_image = weight.shape[0] * weight.shape[1] * geom.taps * max(4, weight.element_size())
     step = max(1, _native.chunk_bytes() // per_image)
@@ -90,6 +89,17 @@ def _image_chunks(input: Tensor, weight: Tensor, geom: _args.Geometry) -> List[s
 def _batch_in_groups(t: Tensor) -> Tensor:
     """(N, C, H, W) as one image of N*C channels: the grouped convolution's view."""
     return t.reshape(1, -1, *t.shape[2:])
+
+
+def _as_conv_weight(kernels: Tensor, weight: Tensor, geom: _args.Geometry) -> Tensor:
+    """Channel-major kernels (n, C_out, C_in/groups, K) as the grouped
+    convolution's weight (n*C_out, C_in/groups, K_h, K_w)."""
+    return kernels.view(-1, weight.shape[1], *geom.kernel_size)
+
+
+def _joined(parts: List[Tensor]) -> Tensor:
+    """The chunks' results along the batch (no copy for a single chunk)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def form(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
@@ -109,15 +119,14 @@ def form(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
 def _conv_forward(input, weight, offset, geom):
     """Each chunk of images convolved with its channel-major kernels, the
     weights of a grouped convolution with the batch folded into the groups."""
-    kh, kw = geom.kernel_size
     outs = []
     for images in _image_chunks(input, weight, geom):
         kernels = _kernels(weight, offset[images], geom, False)
         count = kernels.shape[0]
-        out = F.conv2d(_batch_in_groups(input[images]), kernels.view(-1, weight.shape[1], kh, kw),
+        out = F.conv2d(_batch_in_groups(input[images]), _as_conv_weight(kernels, weight, geom),
                        None, geom.stride, geom.padding, geom.dilation, count * geom.groups)
         outs.append(out.view(count, weight.shape[0], *geom.out_size))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    return _joined(outs)
 
 
 def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor],
@@ -144,7 +153,7 @@ def _conv_backward(grad_output, input, weight, offset, geom, needs):
         count = kernels.shape[0]
         grad_input, grad_kernels, _ = torch.ops.aten.convolution_backward(
             _batch_in_groups(grad_output[images]), _batch_in_groups(input[images]),
-            kernels.view(-1, weight.shape[1], *geom.kernel_size), None, list(geom.stride),
+            _as_conv_weight(kernels, weight, geom), None, list(geom.stride),
             list(geom.padding), list(geom.dilation), False, [0, 0], count * geom.groups,
             [need_input, need_kernels, False])
         if need_input:
@@ -157,10 +166,7 @@ def _conv_backward(grad_output, input, weight, offset, geom, needs):
                 grad_weight += part_weight
             if need_offset:
                 grad_offset[images] = part_offset
-    grad_input = None
-    if need_input:
-        grad_input = grad_inputs[0] if len(grad_inputs) == 1 else torch.cat(grad_inputs)
-    return grad_input, grad_weight, grad_offset
+    return _joined(grad_inputs) if need_input else None, grad_weight, grad_offset
 
 
 def backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Tensor,
