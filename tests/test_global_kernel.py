@@ -107,6 +107,43 @@ def test_conv_form_by_image_chunks_matches_the_oracle(monkeypatch, images_per_ch
                                       offset_groups=offset_groups)
 
 
+@pytest.mark.parametrize("images_per_chunk", [2, 1])
+def test_backward_takes_the_forwards_kernels_when_they_fit_one_chunk(monkeypatch,
+                                                                     images_per_chunk):
+    # Two images: in one chunk the forward keeps their kernels and the
+    # backward resamples none; in two, each is resampled again.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 12, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, 6, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    off = torch.randn(2, 36, dtype=torch.float64, generator=g, requires_grad=True)
+    per_image = w.shape[0] * w.shape[1] * 9 * w.element_size()
+    monkeypatch.setattr(_native, "chunk_bytes", lambda: images_per_chunk * per_image)
+    resampled = []  # images per call of _kernels
+    real_kernels = _global_kernel._kernels
+    monkeypatch.setattr(_global_kernel, "_kernels", lambda weight, offset, *rest: (
+        resampled.append(offset.shape[0]) or real_kernels(weight, offset, *rest)))
+    assert_operator_matches_reference(x, w, off, g, kernel_size=3, padding=1, groups=2,
+                                      offset_groups=2)
+    assert resampled == ([2] if images_per_chunk == 2 else [1, 1, 1, 1])
+
+
+def test_kept_kernels_ops_pass_opcheck():
+    # The forward that keeps the kernels, and the backward that takes them.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, generator=g)
+    w = torch.randn(6, 2, 4, 4, dtype=torch.float64, generator=g)
+    off = torch.randn(2, 36, dtype=torch.float64, generator=g)
+    bias = torch.randn(6, dtype=torch.float64, generator=g)
+    geometry = ([3, 3], [1, 1], [1, 1], [1, 1], 2, 2)
+    keeping = torch.ops.erftool.global_deform_kernel2d_keeping_kernels.default
+    torch.library.opcheck(keeping, (x, w, off, bias, *geometry))
+    out, kernels = keeping(x, w, off, bias, *geometry)
+    assert kernels.shape == (2, 6, 2, 9)
+    torch.library.opcheck(torch.ops.erftool.deform_backward.default, (
+        torch.randn_like(out), x, w, off, None, None, *geometry, "native",
+        [True, True, True, False, False, True], kernels))
+
+
 def test_non_finite_global_offsets_contribute_nothing():
     # A NaN, infinite or huge offset puts its tap's sample off the scope: the
     # tap reads zero weight and gets a zero offset gradient, exactly as with a

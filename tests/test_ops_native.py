@@ -96,9 +96,10 @@ def test_opcheck(case, backend):
     torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    # Forward and every gradient: AOTAutograd traces the Autograd-key kernel.
-    case = CASES[7]
+@pytest.mark.parametrize("case", [CASES[7], CASES[5]], ids=[IDS[7], IDS[5]])
+def test_torch_compile_fullgraph_matches_eager(case):
+    # Forward and every gradient: AOTAutograd traces the Autograd-key kernel
+    # (for the global DK, the forward that keeps its kernels for the backward).
     tensors = case.make(torch.float32)
 
     def fn(t):

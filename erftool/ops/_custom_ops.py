@@ -3,7 +3,10 @@
 Public custom operators:
     erftool::deform_kernel2d  (Deformable Kernel, optionally + DC)
     erftool::deform_conv2d    (torchvision-compatible deformable convolution)
-and their shared backward operator erftool::deform_backward. Each has a fake
+and their shared backward operator erftool::deform_backward; a global DK
+forward with gradients may go through
+erftool::global_deform_kernel2d_keeping_kernels instead, which also returns the
+per-image kernels for the backward to take. Each has a fake
 kernel (torch.compile / FakeTensor) and the forward ops carry autograd. The
 backward op is not itself differentiable: double backward raises (a
 deliberate choice; ERFs and training need first-order gradients only).
@@ -91,10 +94,15 @@ _LIB.define(
     "deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask, "
     "SymInt[] stride, SymInt[] padding, SymInt[] dilation, str backend) -> Tensor")
 _LIB.define(
+    "global_deform_kernel2d_keeping_kernels(Tensor input, Tensor weight, Tensor offset, "
+    "Tensor? bias, SymInt[] kernel_size, SymInt[] stride, SymInt[] padding, "
+    "SymInt[] dilation, SymInt groups, SymInt offset_groups) -> (Tensor, Tensor)")
+_LIB.define(
     "deform_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? kernel_offset, "
     "Tensor? data_offset, Tensor? mask, SymInt[] kernel_size, SymInt[] stride, "
     "SymInt[] padding, SymInt[] dilation, SymInt groups, SymInt offset_groups, str backend, "
-    "bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+    "bool[] needs, Tensor? global_kernels=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor)")
 
 
 def _kernel(name: str):
@@ -126,6 +134,39 @@ def _(input, weight, offset, data_offset, bias, kernel_size, stride, padding, di
       groups, offset_groups, backend):
     out = _args.output_size("erftool", input.shape[2:], kernel_size, stride, padding, dilation)
     return input.new_empty((input.shape[0], weight.shape[0]) + tuple(out))
+
+
+def _keeps_global_kernels(input, weight, offset, data_offset, kernel_size, stride, padding,
+                          dilation, groups, offset_groups, backend) -> bool:
+    """Whether a global DK forward with gradients goes through
+    global_deform_kernel2d_keeping_kernels (see _global_kernel.keeps_kernels)."""
+    if not _uses_global_conv(offset, data_offset, None) or \
+            _backend.resolve(backend or None, input) == "reference":
+        return False
+    geom = _geometry(input, weight, kernel_size, stride, padding, dilation, groups,
+                     offset_groups, None)
+    return _global_kernel.keeps_kernels(input, weight, geom)
+
+
+@_kernel("global_deform_kernel2d_keeping_kernels")
+def global_deform_kernel2d_keeping_kernels_kernel(input, weight, offset, bias, kernel_size,
+                                                  stride, padding, dilation, groups,
+                                                  offset_groups):
+    """The global DK forward (native backend) and the per-image kernels it
+    convolved with, which the backward then takes instead of resampling them."""
+    geom = _geometry(input, weight, kernel_size, stride, padding, dilation, groups,
+                     offset_groups, None)
+    out, kernels = _global_kernel.forward_keeping_kernels(input, weight, offset, bias, geom)
+    return out.contiguous(), kernels
+
+
+@_fake("global_deform_kernel2d_keeping_kernels")
+def _(input, weight, offset, bias, kernel_size, stride, padding, dilation, groups,
+      offset_groups):
+    out = _args.output_size("erftool", input.shape[2:], kernel_size, stride, padding, dilation)
+    taps = kernel_size[0] * kernel_size[1]
+    return (input.new_empty((input.shape[0], weight.shape[0]) + tuple(out)),
+            weight.new_empty((input.shape[0], weight.shape[0], weight.shape[1], taps)))
 
 
 @_kernel("deform_conv2d")
@@ -203,8 +244,9 @@ def _native_backward(grad_output, input, weight, kernel_offset, data_offset, mas
 
 
 def _backward(backend, grad_output, input, weight, kernel_offset, data_offset, mask, geom,
-              needs):
-    """Gradients (input, weight, kernel_offset, data_offset, mask, bias)."""
+              needs, global_kernels=None):
+    """Gradients (input, weight, kernel_offset, data_offset, mask, bias);
+    global_kernels: those a global DK forward kept (native backend only)."""
     grad_bias = grad_output.sum(dim=(0, 2, 3)) if needs[5] else None
     if input.shape[0] == 0:
         zeros = [None if t is None or not n else torch.zeros_like(t) for t, n in zip(
@@ -219,7 +261,7 @@ def _backward(backend, grad_output, input, weight, kernel_offset, data_offset, m
             grad_output, tensors, needs[:5])
     elif _uses_global_conv(kernel_offset, data_offset, mask):
         grads = _global_kernel.backward(grad_output, input, weight, kernel_offset, geom,
-                                        needs) + [None, None]
+                                        needs, global_kernels) + [None, None]
     else:
         grads = _native_backward(grad_output, input, weight, kernel_offset, data_offset, mask,
                                  geom, needs)
@@ -229,18 +271,18 @@ def _backward(backend, grad_output, input, weight, kernel_offset, data_offset, m
 @_kernel("deform_backward")
 def deform_backward_kernel(grad_output, input, weight, kernel_offset, data_offset, mask,
                            kernel_size, stride, padding, dilation, groups, offset_groups,
-                           backend, needs) -> Tuple[Tensor, ...]:
+                           backend, needs, global_kernels=None) -> Tuple[Tensor, ...]:
     geom = _geometry(input, weight, kernel_size, stride, padding, dilation, groups,
                      offset_groups, data_offset)
     grads = _backward(backend or None, grad_output, input, weight, kernel_offset, data_offset,
-                      mask, geom, needs)
+                      mask, geom, needs, global_kernels)
     # Custom ops return tensors only: an absent gradient is an empty tensor.
     return tuple(g.contiguous() if g is not None else input.new_empty(0) for g in grads)
 
 
 @_fake("deform_backward")
 def _(grad_output, input, weight, kernel_offset, data_offset, mask, kernel_size, stride,
-      padding, dilation, groups, offset_groups, backend, needs):
+      padding, dilation, groups, offset_groups, backend, needs, global_kernels=None):
     like = (input, weight, kernel_offset, data_offset, mask)
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format)
              if t is not None and n else input.new_empty(0)
@@ -274,24 +316,32 @@ class _DeformKernel2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, offset, data_offset, bias, kernel_size, stride, padding,
                 dilation, groups, offset_groups, backend):
-        out = _below_autograd(torch.ops.erftool.deform_kernel2d.default, (
-            input, weight, offset, data_offset, bias, kernel_size, stride, padding, dilation,
-            groups, offset_groups, backend))
-        ctx.save_for_backward(input, weight, offset, data_offset)
+        kernels = None
+        if _keeps_global_kernels(input, weight, offset, data_offset, kernel_size, stride,
+                                 padding, dilation, groups, offset_groups, backend):
+            out, kernels = _below_autograd(
+                torch.ops.erftool.global_deform_kernel2d_keeping_kernels.default, (
+                    input, weight, offset, bias, kernel_size, stride, padding, dilation,
+                    groups, offset_groups))
+        else:
+            out = _below_autograd(torch.ops.erftool.deform_kernel2d.default, (
+                input, weight, offset, data_offset, bias, kernel_size, stride, padding,
+                dilation, groups, offset_groups, backend))
+        ctx.save_for_backward(input, weight, offset, data_offset, kernels)
         ctx.config = (kernel_size, stride, padding, dilation, groups, offset_groups, backend)
         ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, offset, data_offset = ctx.saved_tensors
+        input, weight, offset, data_offset, kernels = ctx.saved_tensors
         kernel_size, stride, padding, dilation, groups, offset_groups, backend = ctx.config
         ni = ctx.needs_input_grad
         needs = [ni[0], ni[1], ni[2], ni[3] and data_offset is not None, False,
                  ni[4] and ctx.has_bias]
         g = torch.ops.erftool.deform_backward.default(
             grad_output, input, weight, offset, data_offset, None, kernel_size, stride,
-            padding, dilation, groups, offset_groups, backend, needs)
+            padding, dilation, groups, offset_groups, backend, needs, kernels)
         return (_or_none(g[0], needs[0]), _or_none(g[1], needs[1]), _or_none(g[2], needs[2]),
                 _or_none(g[3], needs[3]), _or_none(g[5], needs[5]),
                 None, None, None, None, None, None, None)

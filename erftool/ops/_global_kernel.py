@@ -9,7 +9,9 @@ contiguous batch of matrices per tap); the scope-weight and offset gradients
 from the kernels' gradient through erftool_native::global_kernels_backward.
 On CPU (and for depthwise layers on GPUs) each image is then convolved with
 its kernels by a grouped convolution with the batch folded into the groups,
-in chunks of images that bound the kernels' memory. A tap-by-tap form
+in chunks of images that bound the kernels' memory; when one chunk holds
+the batch, a forward with gradients keeps its kernels for the backward
+(keeps_kernels). A tap-by-tap form
 (batched matrix products per tap, once chosen on small maps with many
 channels) lost to it at every shape timed (benchmarks/RESULTS.md), and was
 dropped. On GPUs the per-image convolution is batched matrix products of each
@@ -18,7 +20,7 @@ Forward and backward are written out by hand: no autograd graph.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -116,40 +118,60 @@ def form(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
     return "conv"
 
 
-def _conv_forward(input, weight, offset, geom):
-    """Each chunk of images convolved with its channel-major kernels, the
+def _convolve(input: Tensor, kernels: Tensor, weight: Tensor, geom: _args.Geometry) -> Tensor:
+    """Each image of `input` convolved with its channel-major kernels, the
     weights of a grouped convolution with the batch folded into the groups."""
-    outs = []
-    for images in _image_chunks(input, weight, geom):
-        kernels = _kernels(weight, offset[images], geom, False)
-        count = kernels.shape[0]
-        out = F.conv2d(_batch_in_groups(input[images]), _as_conv_weight(kernels, weight, geom),
-                       None, geom.stride, geom.padding, geom.dilation, count * geom.groups)
-        outs.append(out.view(count, weight.shape[0], *geom.out_size))
-    return _joined(outs)
+    count = kernels.shape[0]
+    out = F.conv2d(_batch_in_groups(input), _as_conv_weight(kernels, weight, geom), None,
+                   geom.stride, geom.padding, geom.dilation, count * geom.groups)
+    return out.view(count, weight.shape[0], *geom.out_size)
+
+
+def _with_bias(out: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
 def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor],
             geom: _args.Geometry) -> Tensor:
     if form(input, weight, geom) == "gemm":
         return _global_gemm.forward(input, weight, offset, bias, geom)
-    out = _conv_forward(input, weight, offset, geom)
-    if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
-    return out
+    outs = [_convolve(input[images], _kernels(weight, offset[images], geom, False), weight, geom)
+            for images in _image_chunks(input, weight, geom)]
+    return _with_bias(_joined(outs), bias)
 
 
-def _conv_backward(grad_output, input, weight, offset, geom, needs):
-    """(grad_input, grad_weight, grad_offset) of _conv_forward, chunk by chunk:
-    the kernels again, the grouped convolution's input and kernel gradients,
-    and from the latter the scope-weight and offset gradients."""
+def keeps_kernels(input: Tensor, weight: Tensor, geom: _args.Geometry) -> bool:
+    """Whether a forward with gradients hands its kernels to the backward
+    instead of the backward resampling them: in the grouped-convolution form,
+    when every image's kernels fit one chunk, so that at most
+    _native.chunk_bytes() are held between the passes. (Resampling them costs
+    1.2-1.9 ms at 8 x 256 -> 256 channels on 14 x 14, about 3 % of the op's
+    forward+backward on the 2-core EPYC.)"""
+    return input.shape[0] > 0 and form(input, weight, geom) == "conv" \
+        and len(_image_chunks(input, weight, geom)) == 1
+
+
+def forward_keeping_kernels(input: Tensor, weight: Tensor, offset: Tensor,
+                            bias: Optional[Tensor], geom: _args.Geometry) -> Tuple[Tensor, Tensor]:
+    """forward() and the channel-major kernels (N, C_out, C_in/groups, K) it
+    convolved with, for backward(kernels=...); see keeps_kernels."""
+    kernels = _kernels(weight, offset, geom, False)
+    return _with_bias(_convolve(input, kernels, weight, geom), bias), kernels
+
+
+def _conv_backward(grad_output, input, weight, offset, geom, needs, kept):
+    """(grad_input, grad_weight, grad_offset) of the grouped-convolution form,
+    chunk by chunk: the kernels (kept by the forward, or resampled), the
+    grouped convolution's input and kernel gradients, and from the latter the
+    scope-weight and offset gradients."""
     need_input, need_weight, need_offset = needs
     need_kernels = need_weight or need_offset
     grad_inputs = []
     grad_weight = weight.new_zeros(weight.shape) if need_weight else None
     grad_offset = torch.empty_like(offset) if need_offset else None
     for images in _image_chunks(input, weight, geom):
-        kernels = _kernels(weight, offset[images], geom, False)
+        kernels = kept[images] if kept is not None else \
+            _kernels(weight, offset[images], geom, False)
         count = kernels.shape[0]
         grad_input, grad_kernels, _ = torch.ops.aten.convolution_backward(
             _batch_in_groups(grad_output[images]), _batch_in_groups(input[images]),
@@ -170,9 +192,11 @@ def _conv_backward(grad_output, input, weight, offset, geom, needs):
 
 
 def backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Tensor,
-             geom: _args.Geometry, needs: List[bool]) -> List[Optional[Tensor]]:
-    """Gradients (input, weight, offset), None where needs says so."""
+             geom: _args.Geometry, needs: List[bool],
+             kernels: Optional[Tensor] = None) -> List[Optional[Tensor]]:
+    """Gradients (input, weight, offset), None where needs says so; `kernels`
+    those of forward_keeping_kernels, if it ran."""
     wanted = [bool(x) for x in needs[:3]]
     if form(input, weight, geom) == "gemm":
         return _global_gemm.backward(grad_output, input, weight, offset, geom, wanted)
-    return list(_conv_backward(grad_output, input, weight, offset, geom, wanted))
+    return list(_conv_backward(grad_output, input, weight, offset, geom, wanted, kernels))
