@@ -1,6 +1,6 @@
 """Operator configurations shared by the native, gradient and CUDA tests."""
-from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from erftool.erf import compute_erf
 from erftool.theory import format_table, run_checks, to_json
-from erftool.theory.checks import CHECKS, CheckResult
+from erftool.theory.checks import CheckResult
 from erftool.theory.linear import compose_kernels, multinomial, rf_size
 from erftool.theory.nets import TheoryNet
 from erftool.theory.pathsum import Layer, path_sum_erf, sizes

@@ -11,7 +11,7 @@ from torch import nn
 from . import metrics as _metrics
 from .backprop import input_gradients
 from .inputs import iter_batches
-from .layers import OUTPUT, default_layer, resolve_layer, run_to_layer
+from .layers import default_layer, resolve_layer, run_to_layer
 from .offsets import offset_policy
 from .positions import PerImage, check_inside, input_to_layer, static_positions
 from .result import ERFResult

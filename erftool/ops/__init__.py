@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _args, _custom_ops, _global_kernel, reference
+from . import _args, _global_kernel, reference
+from . import _custom_ops  # noqa: F401  registers the erftool:: operators
 from ._backend import BACKENDS, backend_info, requested as requested_backend, use_backend
 from .reference import scope_coefficients
 
