@@ -26,7 +26,8 @@ _state = {"tried": False, "module": None, "error": None, "build_dir": None}
 def chunk_bytes() -> int:
     """Bound on the extra buffers (columns, per-image kernels) of the native
     kernels, which work through the batch in chunks of images within it:
-    ERFTOOL_CHUNK_MB, default 256."""
+    ERFTOOL_CHUNK_MB, default 256. A global DK forward with gradients keeps
+    its per-image kernels for the backward only when they fit this bound."""
     return int(float(os.environ.get("ERFTOOL_CHUNK_MB", "256")) * (1 << 20))
 
 
