@@ -167,7 +167,7 @@ def _conv_backward(grad_output, input, weight, offset, geom, needs, kept):
     need_input, need_weight, need_offset = needs
     need_kernels = need_weight or need_offset
     grad_inputs = []
-    grad_weight = weight.new_zeros(weight.shape) if need_weight else None
+    grad_weight = None  # the first chunk's, then the others added in
     grad_offset = torch.empty_like(offset) if need_offset else None
     for images in _image_chunks(input, weight, geom):
         kernels = kept[images] if kept is not None else \
@@ -185,7 +185,8 @@ def _conv_backward(grad_output, input, weight, offset, geom, needs, kept):
                                                      offset[images], geom, False,
                                                      [need_weight, need_offset])
             if need_weight:
-                grad_weight += part_weight
+                grad_weight = part_weight if grad_weight is None else \
+                    grad_weight.add_(part_weight)
             if need_offset:
                 grad_offset[images] = part_offset
     return _joined(grad_inputs) if need_input else None, grad_weight, grad_offset

@@ -123,17 +123,15 @@ void store_row(const math::GlobalKernelShape& shape, bool tap_major, int64_t n, 
 }
 
 // Channels [c, ...) of image n's kernel of o at tap k, in place: tap-major
-// kernels of the accumulation type are contiguous over c, so both passes work
-// on them directly; null otherwise (a row buffer and store_row).
-// scalar_t may be const (the backward's gradient).
+// kernels of the accumulation type are contiguous over c, so the forward
+// writes them directly; null otherwise (a row buffer and store_row).
 template <typename acc, typename scalar_t>
-auto in_place_run(const math::GlobalKernelShape& shape, bool tap_major, scalar_t* kernels,
+acc* in_place_run(const math::GlobalKernelShape& shape, bool tap_major, scalar_t* kernels,
                   int64_t n, int64_t o, int64_t c, int64_t k) {
-  using Run = std::conditional_t<std::is_const_v<scalar_t>, const acc*, acc*>;
-  if constexpr (std::is_same_v<acc, std::remove_const_t<scalar_t>>) {
-    if (tap_major) return Run(kernels + math::global_kernel_index(shape, true, n, o, c, k));
+  if constexpr (std::is_same_v<acc, scalar_t>) {
+    if (tap_major) return kernels + math::global_kernel_index(shape, true, n, o, c, k);
   }
-  return Run(nullptr);
+  return nullptr;
 }
 
 template <typename scalar_t>
