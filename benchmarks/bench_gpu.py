@@ -140,9 +140,9 @@ def forced_global_form(variant):
 
     saved = _global_kernel.form, _global_gemm.layout
     if variant == "grouped_conv":  # the CPU's form (before, "size_rule": it or per tap)
-        _global_kernel.form = lambda i, w, g: "conv"
+        _global_kernel.form = lambda i, w: "conv"
     else:
-        _global_kernel.form = lambda i, w, g: "gemm"
+        _global_kernel.form = lambda i, w: "gemm"
         _global_gemm.layout = lambda i, w, g: variant[len("gemm_"):]
     try:
         yield

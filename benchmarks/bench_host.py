@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         print(f"bench_host: native module unavailable: {_native.native_error()}", file=sys.stderr)
         return 1
     torch.set_num_threads(1)
-    _global_kernel.form = lambda input, weight, geom: "gemm"  # the GPU form, on the CPU
+    _global_kernel.form = lambda input, weight: "gemm"  # the GPU form, on the CPU
 
     rows = {}
     for name, fn in make_calls().items():

@@ -99,7 +99,7 @@ def test_conv_form_by_image_chunks_matches_the_oracle(monkeypatch, images_per_ch
     per_image = w.shape[0] * w.shape[1] * geom.taps * w.element_size()
     monkeypatch.setattr(_native, "chunk_bytes", lambda: images_per_chunk * per_image)
     x = torch.randn(3, 12, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    assert _global_kernel.form(x, w, geom) == "conv"
+    assert _global_kernel.form(x, w) == "conv"
     assert len(_global_kernel._image_chunks(x, w, geom)) == -(-3 // images_per_chunk)
     off = torch.randn(3, 2 * offset_groups * 9, dtype=torch.float64,
                       generator=g).requires_grad_(True)
@@ -171,7 +171,7 @@ def gemm_form(monkeypatch):
     """The global DK's GPU form (batched matrix products), forced on CPU, with
     the native module loaded (as the operator's native backend would have)."""
     assert _native.load_native() is not None, _native.native_error()
-    monkeypatch.setattr(_global_kernel, "form", lambda input, weight, geom: "gemm")
+    monkeypatch.setattr(_global_kernel, "form", lambda input, weight: "gemm")
 
 
 GEMM_CASES = {  # name: (C_in, C_out, size (H, W), op keyword arguments)
@@ -225,9 +225,8 @@ def test_gemm_form_keeps_half_type_sums_in_float32(gemm_form, monkeypatch, layou
 def test_global_dk_on_cpu_takes_the_grouped_convolution():
     # (on CUDA: test_ops_cuda.py::test_global_dk_runs_the_gemm_form_on_cuda)
     for channels, size in ((12, 3), (2, 12)):  # kernels larger, image larger
-        geom = _args.Geometry((3, 3), (1, 1), (1, 1), (1, 1), 1, 1, 1, (size, size))
         w = torch.zeros(4, channels, 4, 4)
-        assert _global_kernel.form(torch.zeros(2, channels, size, size), w, geom) == "conv"
+        assert _global_kernel.form(torch.zeros(2, channels, size, size), w) == "conv"
 
 
 @pytest.mark.parametrize("layout", ["one_product", "tap_sums"])

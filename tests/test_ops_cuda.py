@@ -368,8 +368,7 @@ def test_global_dk_runs_the_gemm_form_on_cuda(monkeypatch, layout, groups, offse
     off = 0.8 * torch.randn(3, 2 * offset_groups * 6, generator=gen, dtype=torch.float64)
     kwargs = dict(kernel_size=(3, 2), padding=(1, 0), dilation=(1, 2), groups=groups,
                   offset_groups=offset_groups)
-    geom = _args.Geometry((3, 2), (1, 1), (1, 0), (1, 2), groups, offset_groups, 1, (7, 4))
-    assert _global_kernel.form(x.cuda(), w.cuda(), geom) == "gemm"
+    assert _global_kernel.form(x.cuda(), w.cuda()) == "gemm"
     leaves = [t.cuda().requires_grad_() for t in (x, w, off)]
     got = ops.deform_kernel2d(*leaves, backend="native", **kwargs)
     cpu = [t.detach().clone().requires_grad_() for t in (x, w, off)]
@@ -399,8 +398,7 @@ def test_depthwise_global_dk_on_cuda_keeps_the_grouped_convolution():
     x = torch.randn(3, 6, 7, 7, generator=gen, dtype=torch.float64)
     w = torch.randn(6, 1, 4, 4, generator=gen, dtype=torch.float64)
     off = 0.8 * torch.randn(3, 18, generator=gen, dtype=torch.float64)
-    geom = _args.Geometry((3, 3), (1, 1), (1, 1), (1, 1), 6, 1, 1, (7, 7))
-    assert _global_kernel.form(x.cuda(), w.cuda(), geom) == "conv"
+    assert _global_kernel.form(x.cuda(), w.cuda()) == "conv"
     leaves = [t.cuda().requires_grad_() for t in (x, w, off)]
     got = ops.deform_kernel2d(*leaves, kernel_size=3, padding=1, groups=6, backend="native")
     cpu = [t.detach().clone().requires_grad_() for t in (x, w, off)]

@@ -136,16 +136,12 @@ def _(input, weight, offset, data_offset, bias, kernel_size, stride, padding, di
     return input.new_empty((input.shape[0], weight.shape[0]) + tuple(out))
 
 
-def _keeps_global_kernels(input, weight, offset, data_offset, kernel_size, stride, padding,
-                          dilation, groups, offset_groups, backend) -> bool:
+def _keeps_global_kernels(input, weight, offset, data_offset, kernel_size, backend) -> bool:
     """Whether a global DK forward with gradients goes through
     global_deform_kernel2d_keeping_kernels (see _global_kernel.keeps_kernels)."""
-    if not _uses_global_conv(offset, data_offset, None) or \
-            _backend.resolve(backend or None, input) == "reference":
-        return False
-    geom = _geometry(input, weight, kernel_size, stride, padding, dilation, groups,
-                     offset_groups, None)
-    return _global_kernel.keeps_kernels(input, weight, geom)
+    return _uses_global_conv(offset, data_offset, None) \
+        and _global_kernel.keeps_kernels(input, weight, kernel_size) \
+        and _backend.resolve(backend or None, input) != "reference"
 
 
 @_kernel("global_deform_kernel2d_keeping_kernels")
@@ -317,8 +313,7 @@ class _DeformKernel2dFunction(torch.autograd.Function):
     def forward(ctx, input, weight, offset, data_offset, bias, kernel_size, stride, padding,
                 dilation, groups, offset_groups, backend):
         kernels = None
-        if _keeps_global_kernels(input, weight, offset, data_offset, kernel_size, stride,
-                                 padding, dilation, groups, offset_groups, backend):
+        if _keeps_global_kernels(input, weight, offset, data_offset, kernel_size, backend):
             out, kernels = _below_autograd(
                 torch.ops.erftool.global_deform_kernel2d_keeping_kernels.default, (
                     input, weight, offset, bias, kernel_size, stride, padding, dilation,

@@ -78,13 +78,17 @@ def resample_kernel(weight: Tensor, offset: Tensor, kernel_size, offset_groups: 
 
 # ---------------------------------------------------------------- per-image convolution
 
+def _images_per_chunk(weight: Tensor, taps: int) -> int:
+    """Images whose kernels fit _native.chunk_bytes() (the backward holds
+    their gradient too, as much again): they outweigh the images on small maps
+    with many channels (19 MB for 8 images of 256 -> 256)."""
+    per_image = weight.shape[0] * weight.shape[1] * taps * max(4, weight.element_size())
+    return max(1, _native.chunk_bytes() // per_image)
+
+
 def _image_chunks(input: Tensor, weight: Tensor, geom: _args.Geometry) -> List[slice]:
-    """Slices of the batch whose kernels fit _native.chunk_bytes() (the
-    backward holds their gradient too, as much again): they outweigh the images
-    on small maps with many channels (19 MB for 8 images of 256 -> 256)."""
-    n = input.shape[0]
-    per_image = weight.shape[0] * weight.shape[1] * geom.taps * max(4, weight.element_size())
-    step = max(1, _native.chunk_bytes() // per_image)
+    """Slices of the batch of _images_per_chunk images each."""
+    n, step = input.shape[0], _images_per_chunk(weight, geom.taps)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
@@ -104,7 +108,7 @@ def _joined(parts: List[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def form(input: Tensor, weight: Tensor, geom: _args.Geometry) -> str:
+def form(input: Tensor, weight: Tensor) -> str:
     """How the per-image convolution runs: "gemm" (batched matrix products,
     erftool/ops/_global_gemm.py) on GPUs, "conv" (a grouped convolution with
     the batch folded into the groups) on CPU."""
@@ -133,22 +137,23 @@ def _with_bias(out: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 def forward(input: Tensor, weight: Tensor, offset: Tensor, bias: Optional[Tensor],
             geom: _args.Geometry) -> Tensor:
-    if form(input, weight, geom) == "gemm":
+    if form(input, weight) == "gemm":
         return _global_gemm.forward(input, weight, offset, bias, geom)
     outs = [_convolve(input[images], _kernels(weight, offset[images], geom, False), weight, geom)
             for images in _image_chunks(input, weight, geom)]
     return _with_bias(_joined(outs), bias)
 
 
-def keeps_kernels(input: Tensor, weight: Tensor, geom: _args.Geometry) -> bool:
+def keeps_kernels(input: Tensor, weight: Tensor, kernel_size) -> bool:
     """Whether a forward with gradients hands its kernels to the backward
     instead of the backward resampling them: in the grouped-convolution form,
     when every image's kernels fit one chunk, so that at most
     _native.chunk_bytes() are held between the passes. (Resampling them costs
     1.2-1.9 ms at 8 x 256 -> 256 channels on 14 x 14, about 3 % of the op's
     forward+backward on the 2-core EPYC.)"""
-    return input.shape[0] > 0 and form(input, weight, geom) == "conv" \
-        and len(_image_chunks(input, weight, geom)) == 1
+    taps = kernel_size[0] * kernel_size[1]
+    return 0 < input.shape[0] <= _images_per_chunk(weight, taps) \
+        and form(input, weight) == "conv"
 
 
 def forward_keeping_kernels(input: Tensor, weight: Tensor, offset: Tensor,
@@ -198,6 +203,6 @@ def backward(grad_output: Tensor, input: Tensor, weight: Tensor, offset: Tensor,
     """Gradients (input, weight, offset), None where needs says so; `kernels`
     those of forward_keeping_kernels, if it ran."""
     wanted = [bool(x) for x in needs[:3]]
-    if form(input, weight, geom) == "gemm":
+    if form(input, weight) == "gemm":
         return _global_gemm.backward(grad_output, input, weight, offset, geom, wanted)
     return list(_conv_backward(grad_output, input, weight, offset, geom, wanted, kernels))
