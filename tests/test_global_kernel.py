@@ -135,7 +135,7 @@ def test_kept_kernels_ops_pass_opcheck():
     off = torch.randn(2, 36, dtype=torch.float64, generator=g)
     bias = torch.randn(6, dtype=torch.float64, generator=g)
     geometry = ([3, 3], [1, 1], [1, 1], [1, 1], 2, 2)
-    keeping = torch.ops.erftool.global_deform_kernel2d_keeping_kernels.default
+    keeping = torch.ops.erftool._global_deform_kernel2d_keeping_kernels.default
     torch.library.opcheck(keeping, (x, w, off, bias, *geometry))
     out, kernels = keeping(x, w, off, bias, *geometry)
     assert kernels.shape == (2, 6, 2, 9)

@@ -5,7 +5,7 @@ Public custom operators:
     erftool::deform_conv2d    (torchvision-compatible deformable convolution)
 and their shared backward operator erftool::deform_backward; a global DK
 forward with gradients may go through
-erftool::global_deform_kernel2d_keeping_kernels instead, which also returns the
+erftool::_global_deform_kernel2d_keeping_kernels instead, which also returns the
 per-image kernels for the backward to take. Each has a fake
 kernel (torch.compile / FakeTensor) and the forward ops carry autograd. The
 backward op is not itself differentiable: double backward raises (a
@@ -94,7 +94,7 @@ _LIB.define(
     "deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? bias, Tensor? mask, "
     "SymInt[] stride, SymInt[] padding, SymInt[] dilation, str backend) -> Tensor")
 _LIB.define(
-    "global_deform_kernel2d_keeping_kernels(Tensor input, Tensor weight, Tensor offset, "
+    "_global_deform_kernel2d_keeping_kernels(Tensor input, Tensor weight, Tensor offset, "
     "Tensor? bias, SymInt[] kernel_size, SymInt[] stride, SymInt[] padding, "
     "SymInt[] dilation, SymInt groups, SymInt offset_groups) -> (Tensor, Tensor)")
 _LIB.define(
@@ -138,16 +138,15 @@ def _(input, weight, offset, data_offset, bias, kernel_size, stride, padding, di
 
 def _keeps_global_kernels(input, weight, offset, data_offset, kernel_size, backend) -> bool:
     """Whether a global DK forward with gradients goes through
-    global_deform_kernel2d_keeping_kernels (see _global_kernel.keeps_kernels)."""
+    _global_deform_kernel2d_keeping_kernels (see _global_kernel.keeps_kernels)."""
     return _uses_global_conv(offset, data_offset, None) \
         and _global_kernel.keeps_kernels(input, weight, kernel_size) \
         and _backend.resolve(backend or None, input) != "reference"
 
 
-@_kernel("global_deform_kernel2d_keeping_kernels")
-def global_deform_kernel2d_keeping_kernels_kernel(input, weight, offset, bias, kernel_size,
-                                                  stride, padding, dilation, groups,
-                                                  offset_groups):
+@_kernel("_global_deform_kernel2d_keeping_kernels")
+def global_keeping_kernels_kernel(input, weight, offset, bias, kernel_size, stride, padding,
+                                  dilation, groups, offset_groups):
     """The global DK forward (native backend) and the per-image kernels it
     convolved with, which the backward then takes instead of resampling them."""
     geom = _geometry(input, weight, kernel_size, stride, padding, dilation, groups,
@@ -156,7 +155,7 @@ def global_deform_kernel2d_keeping_kernels_kernel(input, weight, offset, bias, k
     return out.contiguous(), kernels
 
 
-@_fake("global_deform_kernel2d_keeping_kernels")
+@_fake("_global_deform_kernel2d_keeping_kernels")
 def _(input, weight, offset, bias, kernel_size, stride, padding, dilation, groups,
       offset_groups):
     out = _args.output_size("erftool", input.shape[2:], kernel_size, stride, padding, dilation)
@@ -315,7 +314,7 @@ class _DeformKernel2dFunction(torch.autograd.Function):
         kernels = None
         if _keeps_global_kernels(input, weight, offset, data_offset, kernel_size, backend):
             out, kernels = _below_autograd(
-                torch.ops.erftool.global_deform_kernel2d_keeping_kernels.default, (
+                torch.ops.erftool._global_deform_kernel2d_keeping_kernels.default, (
                     input, weight, offset, bias, kernel_size, stride, padding, dilation,
                     groups, offset_groups))
         else:

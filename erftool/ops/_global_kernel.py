@@ -149,7 +149,7 @@ def keeps_kernels(input: Tensor, weight: Tensor, kernel_size) -> bool:
     instead of the backward resampling them: in the grouped-convolution form,
     when every image's kernels fit one chunk, so that at most
     _native.chunk_bytes() are held between the passes. (Resampling them costs
-    1.2-1.9 ms at 8 x 256 -> 256 channels on 14 x 14, about 3 % of the op's
+    1.2-1.9 ms at 8 x 256 -> 256 channels on 14 x 14, 3-4 % of the op's
     forward+backward on the 2-core EPYC.)"""
     taps = kernel_size[0] * kernel_size[1]
     return 0 < input.shape[0] <= _images_per_chunk(weight, taps) \
