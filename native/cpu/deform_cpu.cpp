@@ -204,8 +204,10 @@ int64_t max_positions(const std::vector<Chunk>& chunks, const Geometry& g) {
 // ------------------------------------------------------------ GEMM
 // Forward: oneDNN's 1x1 convolution over channels-last column rows, in fp32,
 // for rows of up to 2304 values per weight group: there it ran 1.05-1.36x
-// faster than at::mm (five shapes). Above that it can fall off a cliff (3x slower than
-// at::mm for 256 outputs x 3072 or 4096 inputs, measured on a 2-core EPYC),
+// faster than at::mm (five shapes). Above that it fell off a cliff on an earlier
+// host (3x slower than at::mm for 256 outputs x 3072 or 4096 inputs, 2-core
+// EPYC); on the Zen 4 host it no longer does alone, but the scope-4 DK forward
+// on 14x14x256 (rows of 4096) was still 10-15 % slower with it (RESULTS.md),
 // so long rows use at::mm; so does fp64, which has no oneDNN kernel.
 // ERFTOOL_CPU_GEMM=mm|conv overrides (for measurements).
 constexpr int64_t kLongestConvRow = 2304;
