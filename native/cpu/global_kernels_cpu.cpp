@@ -193,139 +193,209 @@ const acc* gradient_row(const math::GlobalKernelShape& shape, bool tap_major, in
   return row;
 }
 
+// A vector of one 64-byte register's worth of T (16 floats, 8 doubles), in
+// the GCC / Clang vector extension.
+template <typename T>
+struct Vector64 {
+  static constexpr int kLanes = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(64)));
+};
+
 // Every sample's bilinear weights and slopes as dense rows over the scope's
-// cells, zero off its (at most four) corners: (samples, S) each, samples in
-// corner_table's order.
+// cells, zero off its (at most four) corners and in the padding of each row
+// to `stride` (whole vectors of `lanes`): (samples, stride) each, samples in
+// corner_table's order. And per set of K samples (image, offset group) and
+// vector of cells, the taps whose corners fall in that vector (a tap's
+// corners span two scope rows, so one vector or two): only those take part
+// in that vector's products.
 template <typename acc>
 struct DenseCoefficients {
+  int64_t vectors;
   std::vector<acc> weight, d_dy, d_dx;
-  DenseCoefficients(const std::vector<math::BilinearCorners<acc>>& corners, int64_t cells)
-      : weight(corners.size() * cells, acc(0)), d_dy(weight.size(), acc(0)),
-        d_dx(weight.size(), acc(0)) {
-    for (size_t i = 0; i < corners.size(); ++i)
-      for (int j = 0; j < 4; ++j)
-        if (corners[i].index[j] >= 0) {
-          const size_t at = i * cells + corners[i].index[j];
-          weight[at] += corners[i].weight[j];
-          d_dy[at] += corners[i].d_dy[j];
-          d_dx[at] += corners[i].d_dx[j];
+  std::vector<int32_t> tap_list;   // (sets, vectors, taps): the first tap_count used
+  std::vector<int32_t> tap_count;  // (sets, vectors)
+  DenseCoefficients(const std::vector<math::BilinearCorners<acc>>& corners, int64_t taps,
+                    int64_t stride, int64_t lanes)
+      : vectors(stride / lanes), weight(corners.size() * stride, acc(0)),
+        d_dy(weight.size(), acc(0)), d_dx(weight.size(), acc(0)),
+        tap_list(corners.size() * vectors, 0), tap_count(corners.size() / taps * vectors, 0) {
+    for (size_t i = 0; i < corners.size(); ++i) {
+      const int64_t set = static_cast<int64_t>(i) / taps, k = static_cast<int64_t>(i) % taps;
+      int64_t listed = -1;  // bilinear_corners gives the corners in increasing cell order
+      for (int j = 0; j < 4; ++j) {
+        const int64_t cell = corners[i].index[j];
+        if (cell < 0) continue;
+        weight[i * stride + cell] += corners[i].weight[j];
+        d_dy[i * stride + cell] += corners[i].d_dy[j];
+        d_dx[i * stride + cell] += corners[i].d_dx[j];
+        if (cell / lanes != listed) {
+          listed = cell / lanes;
+          int32_t& count = tap_count[set * vectors + listed];
+          tap_list[(set * vectors + listed) * taps + count++] = static_cast<int32_t>(k);
         }
+      }
+    }
   }
 };
 
-// Channels [c0, c1) of one (image, output channel) kernel gradient g (cg, K):
-// the weight gradient gw (cg, S) += g A and the products m (K, S) += g^T w,
-// with A (K, S) the sample's dense weights and w (cg, S) the scope planes;
-// gw or w and m null when not wanted. Vectorised over the S cells: each g
-// entry broadcast against rows held in cache.
+// One (image, output channel) product, every row `stride` apart and
+// zero-padded: g, the kernel gradient (cg, K), its row length `taps`; a, the
+// sample set's dense weights (K, S); w, the scope planes (cg, S), and m, the
+// products (K, S), null unless the offset gradient is wanted; gw, the weight
+// gradient (cg, S), null unless wanted; the set's tap lists (DenseCoefficients).
 template <typename acc>
-void accumulate_products(int64_t c0, int64_t c1, int64_t taps, int64_t cells,
-                         const acc* __restrict g, const acc* __restrict a,
-                         const acc* __restrict w, acc* __restrict gw, acc* __restrict m) {
-  for (int64_t c = c0; c < c1; ++c)
-    for (int64_t k = 0; k < taps; ++k) {
-      const acc gk = g[c * taps + k];
-      if (gw) {
-#pragma omp simd
-        for (int64_t s = 0; s < cells; ++s) gw[c * cells + s] += gk * a[k * cells + s];
-      }
-      if (w) {
-#pragma omp simd
-        for (int64_t s = 0; s < cells; ++s) m[k * cells + s] += gk * w[c * cells + s];
-      }
-    }
-}
-
-// A vector of N values of T (GCC / Clang vector extension; N a power of two).
-template <typename T, int N>
-struct VectorOf {
-  typedef T type __attribute__((vector_size(N * sizeof(T))));
+struct ProductRows {
+  int64_t taps, stride, vectors;
+  const acc* g;
+  const acc* a;
+  const acc* w;
+  acc* gw;
+  acc* m;
+  const int32_t* tap_list;
+  const int32_t* tap_count;
 };
 
-// accumulate_products for kTaps taps from kCells cells, with A's rows and the
-// products m held in vector registers across the channels: in the loop above
-// each channel reloads and stores m, and the next channel waits on those
-// stores. With it the backward of 8 x 256 -> 256 channels, scope 4, takes
-// 2.4-2.7 ms against 2.9-3.8 ms for the sparse form it replaced (four corner
-// runs per tap, axpy and dot products over c from cell-major planes).
-template <typename acc, int kTaps, int kCells>
-void accumulate_products_fixed(int64_t c0, int64_t c1, const acc* __restrict g,
-                               const acc* __restrict a, const acc* __restrict w,
-                               acc* __restrict gw, acc* __restrict m) {
-  using V = typename VectorOf<acc, kCells>::type;
+// Which taps a block takes: `first` onwards, or (listed) those of tap_list
+// from `first`.
+struct TapBlock {
+  int64_t first;
+  bool listed;
+};
+
+// Over channels [c0, c1), for the kTaps taps of `block` and the vector of
+// cells from `lane`: gw += g A and m += g^T w, with A's rows and the
+// products held in vector registers across the channels (a plain loop
+// reloaded and stored m per channel, and the next channel waited on those
+// stores).
+template <typename acc, int kTaps>
+void accumulate_tap_block(const ProductRows<acc>& r, int64_t c0, int64_t c1, TapBlock block,
+                          int64_t lane) {
+  using V = typename Vector64<acc>::type;
+  int64_t tap[kTaps];
+  for (int k = 0; k < kTaps; ++k)
+    tap[k] = block.listed ? r.tap_list[block.first + k] : block.first + k;
   V rows[kTaps], sums[kTaps];
   for (int k = 0; k < kTaps; ++k) {
-    std::memcpy(&rows[k], a + k * kCells, sizeof(V));
+    std::memcpy(&rows[k], r.a + tap[k] * r.stride + lane, sizeof(V));
     sums[k] = V{};
   }
   for (int64_t c = c0; c < c1; ++c) {
     V grad_row[2] = {V{}, V{}}, plane_row;  // two sums: half the chain of dependent adds
-    if (w) std::memcpy(&plane_row, w + c * kCells, sizeof(V));
+    if (r.w) std::memcpy(&plane_row, r.w + c * r.stride + lane, sizeof(V));
+    const acc* gc = r.g + c * r.taps;
     for (int k = 0; k < kTaps; ++k) {
-      const acc gk = g[c * kTaps + k];
-      if (gw) grad_row[k % 2] += gk * rows[k];
-      if (w) sums[k] += gk * plane_row;
+      const acc gk = gc[tap[k]];
+      if (r.gw) grad_row[k % 2] += gk * rows[k];
+      if (r.w) sums[k] += gk * plane_row;
     }
-    if (gw) {
+    if (r.gw) {
+      acc* dst = r.gw + c * r.stride + lane;
       V old;
-      std::memcpy(&old, gw + c * kCells, sizeof(V));
+      std::memcpy(&old, dst, sizeof(V));
       old += grad_row[0] + grad_row[1];
-      std::memcpy(gw + c * kCells, &old, sizeof(V));
+      std::memcpy(dst, &old, sizeof(V));
     }
   }
-  if (w)
+  if (r.w)
     for (int k = 0; k < kTaps; ++k) {
+      acc* dst = r.m + tap[k] * r.stride + lane;
       V old;
-      std::memcpy(&old, m + k * kCells, sizeof(V));
+      std::memcpy(&old, dst, sizeof(V));
       old += sums[k];
-      std::memcpy(m + k * kCells, &old, sizeof(V));
+      std::memcpy(dst, &old, sizeof(V));
     }
+}
+
+// accumulate_tap_block for `count` <= kTaps taps, the count a compile-time
+// constant (so that the rows and products stay in registers).
+template <typename acc, int kTaps>
+void accumulate_taps(const ProductRows<acc>& r, int64_t c0, int64_t c1, TapBlock block,
+                     int64_t lane, int64_t count) {
+  if constexpr (kTaps > 1) {
+    if (count < kTaps) return accumulate_taps<acc, kTaps - 1>(r, c0, c1, block, lane, count);
+  }
+  accumulate_tap_block<acc, kTaps>(r, c0, c1, block, lane);
+}
+
+// Channels [c0, c1) of the product: each vector of cells with the taps that
+// reach it (every tap where one vector holds the scope: no index loads), in
+// blocks of up to 12 (12 rows, 12 sums and a channel's two rows: 28 of
+// AVX-512's 32 vector registers in fp32; 3 x 3 taps in one block).
+template <typename acc>
+void accumulate_products(const ProductRows<acc>& r, int64_t c0, int64_t c1) {
+  constexpr int kMostTaps = 12;
+  const bool listed = r.vectors > 1;
+  for (int64_t v = 0; v < r.vectors; ++v) {
+    const int64_t count = listed ? r.tap_count[v] : r.taps;
+    for (int64_t k0 = 0; k0 < count; k0 += kMostTaps)
+      accumulate_taps<acc, kMostTaps>(r, c0, c1, TapBlock{listed ? v * r.taps + k0 : k0, listed},
+                                      v * Vector64<acc>::kLanes,
+                                      std::min<int64_t>(kMostTaps, count - k0));
+  }
 }
 
 // Gradients of fill_global_kernels from that of its output (same layout):
 // grad_weight (null: not wanted) of plane (o, c), sum over images and taps of
 // the kernel gradient times the sample's weights; grad_offset (null: not
-// wanted) of sample (n, g, k), its slopes against the products
-// sum over (o, c) of the kernel gradient times the scope plane.
+// wanted) of sample (n, g, k), its slopes against the products sum over
+// (o, c) of the kernel gradient times the scope plane. Per (image, output
+// channel) against dense sample rows (accumulate_products). Against the
+// sparse form it replaced (four corner runs per tap: axpy and dot products
+// over c from cell-major planes), alternating runs, 8 x 256 -> 256 channels,
+// 3 x 3 taps: scope 4 3.0-3.3 ms against 3.4-4.0, scope 3 2.9-3.1 against
+// 3.0-3.4, scope 5 4.5 against 4.2-4.5, scope 7 (four vectors of cells)
+// 6.5-6.7 against 5.2-5.7 (RESULTS.md).
 template <typename scalar_t>
 void global_kernels_grads(const math::GlobalKernelShape& shape, const scalar_t* grad,
                           const scalar_t* weight, const scalar_t* offset, bool tap_major,
                           scalar_t* grad_weight, scalar_t* grad_offset) {
   using acc = at::opmath_type<scalar_t>;
+  constexpr int64_t kLanes = Vector64<acc>::kLanes;
   const int64_t taps = shape.kh * shape.kw, cg = shape.cg, cells = shape.scope_h * shape.scope_w;
-  const int64_t plane = cg * cells;
+  const int64_t stride = (cells + kLanes - 1) / kLanes * kLanes;  // rows of whole vectors
   const auto corners = corner_table<acc>(shape, offset);
-  const DenseCoefficients<acc> dense(corners, cells);
+  const DenseCoefficients<acc> dense(corners, taps, stride, kLanes);
   const auto runs = channel_runs(shape);
-  const int64_t products = static_cast<int64_t>(corners.size()) * cells;
+  const int64_t products = static_cast<int64_t>(corners.size()) * stride;
   const int64_t tasks = (shape.c_out + kChannelsPerTask - 1) / kChannelsPerTask;
   // Per task, so that their sum runs in task order whatever the thread count.
   std::vector<acc> partial(grad_offset ? tasks * products : 0, acc(0));
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> row(cg * taps), w(grad_offset ? plane : 0), gw(grad_weight ? plane : 0);
+    // This output channel's scope planes and weight gradient, (cg, stride),
+    // zero in the padding.
+    std::vector<acc> row(cg * taps), w(grad_offset ? cg * stride : 0, acc(0));
+    std::vector<acc> gw(grad_weight ? cg * stride : 0);
     for (int64_t task = begin; task < end; ++task) {
       acc* m = grad_offset ? partial.data() + task * products : nullptr;
       const int64_t o1 = std::min(shape.c_out, (task + 1) * kChannelsPerTask);
       for (int64_t o = task * kChannelsPerTask; o < o1; ++o) {
-        for (int64_t i = 0; i < static_cast<int64_t>(w.size()); ++i)
-          w[i] = static_cast<acc>(weight[o * plane + i]);
+        const scalar_t* plane = weight + o * cg * cells;
+        if (grad_offset)
+          for (int64_t c = 0; c < cg; ++c)
+            for (int64_t s = 0; s < cells; ++s)
+              w[c * stride + s] = static_cast<acc>(plane[c * cells + s]);
         std::fill(gw.begin(), gw.end(), acc(0));
         for (int64_t n = 0; n < shape.n; ++n) {
           const acc* g = gradient_row(shape, tap_major, n, o, grad, row.data());
           for (const ChannelRun& run : runs[o / (shape.c_out / shape.groups)]) {
-            const int64_t sample = (n * shape.offset_groups + run.group) * taps;
-            const acc* a = dense.weight.data() + sample * cells;
-            acc* ms = m ? m + sample * cells : nullptr;
-            const acc* wp = m ? w.data() : nullptr;
-            acc* gwp = grad_weight ? gw.data() : nullptr;
-            if (taps == 9 && cells == 16)  // 3 x 3 taps from a 4 x 4 scope
-              accumulate_products_fixed<acc, 9, 16>(run.c0, run.c1, g, a, wp, gwp, ms);
-            else
-              accumulate_products(run.c0, run.c1, taps, cells, g, a, wp, gwp, ms);
+            const int64_t set = n * shape.offset_groups + run.group, sample = set * taps;
+            const ProductRows<acc> rows{taps,
+                                        stride,
+                                        dense.vectors,
+                                        g,
+                                        dense.weight.data() + sample * stride,
+                                        m ? w.data() : nullptr,
+                                        grad_weight ? gw.data() : nullptr,
+                                        m ? m + sample * stride : nullptr,
+                                        dense.tap_list.data() + set * dense.vectors * taps,
+                                        dense.tap_count.data() + set * dense.vectors};
+            accumulate_products(rows, run.c0, run.c1);
           }
         }
-        for (int64_t i = 0; i < static_cast<int64_t>(gw.size()); ++i)
-          grad_weight[o * plane + i] = static_cast<scalar_t>(gw[i]);
+        if (grad_weight)
+          for (int64_t c = 0; c < cg; ++c)
+            for (int64_t s = 0; s < cells; ++s)
+              grad_weight[(o * cg + c) * cells + s] = static_cast<scalar_t>(gw[c * stride + s]);
       }
     }
   });
@@ -333,10 +403,10 @@ void global_kernels_grads(const math::GlobalKernelShape& shape, const scalar_t* 
     for (int64_t sample = 0; sample < static_cast<int64_t>(corners.size()); ++sample) {
       acc dy = acc(0), dx = acc(0);
       for (int64_t task = 0; task < tasks; ++task) {
-        const acc* m = partial.data() + task * products + sample * cells;
+        const acc* m = partial.data() + task * products + sample * stride;
         for (int64_t s = 0; s < cells; ++s) {
-          dy += m[s] * dense.d_dy[sample * cells + s];
-          dx += m[s] * dense.d_dx[sample * cells + s];
+          dy += m[s] * dense.d_dy[sample * stride + s];
+          dx += m[s] * dense.d_dx[sample * stride + s];
         }
       }
       grad_offset[sample * 2] = static_cast<scalar_t>(dy);
