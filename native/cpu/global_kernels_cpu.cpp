@@ -26,7 +26,7 @@
 #include <erftool/deform_math.h>
 #include <erftool/global_kernels_op.h>
 
-#include "deform_cpu_kernels.h"  // corner_rows, corner_sum(_stream), axpy
+#include "deform_cpu_kernels.h"  // corner_rows, corner_sum(_stream), stream_copy
 #include "layout_cpu.h"          // transpose_block
 
 namespace erftool {
