@@ -331,8 +331,11 @@ def test_gemm_native_ops_in_bfloat16_track_float32(layout, groups, offset_groups
 
 
 # (C_out, C_in/groups, groups, offset_groups, kernel, scope)
+# The last: 81 cells, several of the CPU backward's vectors of cells, each
+# with the taps that reach it.
 KERNEL_CASES = [(6, 4, 2, 2, (3, 3), (4, 4)), (4, 3, 1, 3, (3, 1), (5, 2)),
-                (8, 1, 8, 4, (2, 3), (3, 5)), (5, 6, 1, 1, (3, 3), (3, 3))]
+                (8, 1, 8, 4, (2, 3), (3, 5)), (5, 6, 1, 1, (3, 3), (3, 3)),
+                (3, 2, 1, 1, (5, 5), (9, 9))]
 
 
 def kernel_case_tensors(case, seed):
@@ -411,3 +414,24 @@ def test_native_global_kernels_backward_matches_autograd_of_the_oracle(case, tap
     only_offset = torch.ops.erftool_native.global_kernels_backward(grad, *args, [False, True])
     assert only_offset[0] is None
     torch.testing.assert_close(only_offset[1], got[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tap_major", [False, True], ids=["channel_major", "tap_major"])
+def test_native_global_kernels_backward_with_every_tap_on_one_vector_of_cells(tap_major):
+    # Each of 25 taps pulled next to the scope's first cell: the CPU backward's
+    # first vector of cells gets all of them, in its blocks of 12, 12 and 1 taps.
+    assert _native.load_native() is not None, _native.native_error()
+    g = torch.Generator().manual_seed(21)
+    w = torch.randn(3, 2, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    rows, cols = torch.meshgrid(torch.arange(5.0), torch.arange(5.0), indexing="ij")
+    pulled = torch.stack([0.3 - rows, 0.6 - cols], dim=-1).reshape(1, 50).double()
+    off = (pulled + 0.05 * torch.rand(2, 50, dtype=torch.float64, generator=g)).requires_grad_()
+    oracle = reference.resample_kernel(w, off, (5, 5), 1, 1).flatten(3)
+    grad = torch.randn(oracle.shape, dtype=torch.float64, generator=g)
+    expected = torch.autograd.grad(oracle, (w, off), grad)
+    if tap_major:
+        grad = grad.permute(3, 0, 1, 2).contiguous()
+    got = torch.ops.erftool_native.global_kernels_backward(
+        grad, w.detach(), off.detach(), [5, 5], 1, 1, tap_major, [True, True])
+    for name, a, b in zip(("weight", "offset"), got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11, msg=name)
