@@ -370,13 +370,16 @@ def test_native_global_kernels_match_the_oracle(case, tap_major):
 
 
 @pytest.mark.parametrize("tap_major", [False, True], ids=["channel_major", "tap_major"])
-def test_native_global_kernels_in_float32_track_float64(tap_major):
+@pytest.mark.parametrize("scope", [4, 5])
+def test_native_global_kernels_in_float32_track_float64(tap_major, scope):
     # float32 with runs of 8 channels: the CPU kernel's streaming stores (whole
-    # aligned vectors: in place tap-major, a transposed block channel-major),
-    # its in-place tap-major backward and its transposed channel-major one.
+    # aligned vectors: in place tap-major, a transposed block channel-major);
+    # its backward, channel-major rows read in place and tap-major ones through
+    # block transposes, over one vector of 16 cells (scope 4) or two (scope 5)
+    # in float32 against two or four vectors of 8 in float64.
     assert _native.load_native() is not None, _native.native_error()
     g = torch.Generator().manual_seed(19)
-    w = torch.randn(5, 16, 4, 4, dtype=torch.float64, generator=g)
+    w = torch.randn(5, 16, scope, scope, dtype=torch.float64, generator=g)
     off = 1.2 * torch.randn(3, 2 * 2 * 9, dtype=torch.float64, generator=g)
     args = ([3, 3], 1, 2, tap_major)
     wide = torch.ops.erftool_native.global_kernels(w, off, *args)
