@@ -205,9 +205,9 @@ struct Vector64 {
 // cells, zero off its (at most four) corners and in the padding of each row
 // to `stride` (whole vectors of `lanes`): (samples, stride) each, samples in
 // corner_table's order. And per set of K samples (image, offset group) and
-// vector of cells, the taps whose corners fall in that vector (a tap's
-// corners span two scope rows, so one vector or two): only those take part
-// in that vector's products.
+// vector of cells, the taps with a corner in that vector (a tap's four
+// corners, on two scope rows, mostly fall in one vector or two): only those
+// take part in that vector's products.
 template <typename acc>
 struct DenseCoefficients {
   int64_t vectors;
