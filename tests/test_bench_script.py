@@ -124,7 +124,7 @@ def test_global_kernels_bench_prints_every_shape_and_layout():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     rows = [line for line in res.stdout.splitlines() if "copy" in line and "MB" in line]
-    assert len(rows) == 8, res.stdout
+    assert len(rows) == 10, res.stdout
     for line in rows:
         for name in ("forward", "backward", "weight grad", "offset grad"):
             assert f"{name} " in line and "x)" in line, line
