@@ -205,15 +205,15 @@ struct Vector64 {
 // cells, zero off its (at most four) corners and in the padding of each row
 // to `stride` (whole vectors of `lanes`): (samples, stride) each, samples in
 // corner_table's order. And per set of K samples (image, offset group) and
-// vector of cells, the taps with a corner in that vector (a tap's four
-// corners, on two scope rows, mostly fall in one vector or two): only those
-// take part in that vector's products.
+// vector of cells, where the scope takes more than one vector, the taps with
+// a corner in that vector (a tap's four corners, on two scope rows, mostly
+// fall in one vector or two): only those take part in that vector's products.
 template <typename acc>
 struct DenseCoefficients {
   int64_t vectors;
   std::vector<acc> weight, d_dy, d_dx;
   std::vector<int32_t> tap_list;   // (sets, vectors, taps): the first tap_count used
-  std::vector<int32_t> tap_count;  // (sets, vectors)
+  std::vector<int32_t> tap_count;  // (sets, vectors); both unused for one vector
   DenseCoefficients(const std::vector<math::BilinearCorners<acc>>& corners, int64_t taps,
                     int64_t stride, int64_t lanes)
       : vectors(stride / lanes), weight(corners.size() * stride, acc(0)),
@@ -228,7 +228,7 @@ struct DenseCoefficients {
         weight[i * stride + cell] += corners[i].weight[j];
         d_dy[i * stride + cell] += corners[i].d_dy[j];
         d_dx[i * stride + cell] += corners[i].d_dx[j];
-        if (cell / lanes != listed) {
+        if (vectors > 1 && cell / lanes != listed) {
           listed = cell / lanes;
           int32_t& count = tap_count[set * vectors + listed];
           tap_list[(set * vectors + listed) * taps + count++] = static_cast<int32_t>(k);
