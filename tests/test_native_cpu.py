@@ -392,3 +392,61 @@ def test_band_pipeline_and_chunk_loop_agree_by_default_on_a_large_map(monkeypatc
     # The default did take the other path: its weight gradient, summed by
     # bands and slots, differs from the chunk loop's in the last bits.
     assert not torch.equal(bands[1], chunks[1])
+
+
+# Column rows in registers (native/cpu/dense_rows_cpu.h): with kernel offsets
+# and scopes of up to 16 cells they replace the scatter of build_rows, whole
+# vectors of channels (16 floats / 8 doubles with AVX-512) plus a channel-by-
+# channel tail. Same arithmetic, so the same bits as the scatter, which
+# ERFTOOL_CPU_COLUMN_BUILD=scatter forces.
+DENSE_CASES = {
+    "scope4_wide": config(C=40, O=12, H=9, W=11),
+    "scope3_groups_offset_groups": config(C=48, O=10, groups=2, G=3, S=(3, 3)),
+    "scope2_one_tap_column": config(C=17, O=5, k=(2, 2), S=(2, 2), p=(0, 0)),
+    "nonsquare_stride_dilation": config(C=36, O=6, k=(2, 3), S=(3, 5), s=(2, 1), p=(0, 2),
+                                        d=(2, 1), H=13, W=8, G=2),
+    "mask_rigid_grid": config(C=32, O=8, mask=True),
+    "dk_dc_mask": config(C=24, O=8, doff=True, mask=True, G=2, DG=2),
+    "runs_across_rows": config(N=3, C=16, O=4, H=5, W=23),  # 23 = 16 + 7 lanes
+}
+
+
+def _forced_scatter_results(monkeypatch, t, grad, cfg):
+    dense = (native_forward(t, cfg),) + tuple(native_backward(grad, t, cfg))
+    monkeypatch.setenv("ERFTOOL_CPU_COLUMN_BUILD", "scatter")
+    scatter = (native_forward(t, cfg),) + tuple(native_backward(grad, t, cfg))
+    monkeypatch.delenv("ERFTOOL_CPU_COLUMN_BUILD")
+    return dense, scatter
+
+
+@pytest.mark.parametrize("bands", ["0", "1"], ids=["chunk_loop", "band_pipeline"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(DENSE_CASES))
+def test_dense_column_rows_equal_the_scatter_bit_for_bit(monkeypatch, name, dtype, bands):
+    monkeypatch.setenv("ERFTOOL_CPU_BANDS", bands)
+    cfg = DENSE_CASES[name]
+    t = make(cfg, dtype=dtype, seed=7)
+    grad = torch.randn(cfg["N"], cfg["O"], *out_size(cfg), dtype=dtype)
+    dense, scatter = _forced_scatter_results(monkeypatch, t, grad, cfg)
+    for a, b in zip(dense, scatter):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["scope4_wide", "nonsquare_stride_dilation", "dk_dc_mask"])
+def test_dense_column_rows_match_reference(name):
+    check_against_reference(DENSE_CASES[name])
+
+
+def test_dense_column_rows_read_nothing_at_nan_and_inf_offsets(monkeypatch):
+    cfg = DENSE_CASES["scope4_wide"]
+    t = make(cfg, seed=8)
+    koff = t["koff"]
+    koff[:, 0::4] = float("nan")
+    koff[:, 1::4] = float("inf")
+    koff[:, 2::8] = -float("inf")
+    koff[0, :, 0, 0] = 1e30  # far outside the scope
+    grad = torch.randn(cfg["N"], cfg["O"], *out_size(cfg), dtype=torch.float64)
+    dense, scatter = _forced_scatter_results(monkeypatch, t, grad, cfg)
+    assert torch.isfinite(dense[0]).all()
+    assert torch.equal(dense[0], scatter[0])
+    assert torch.equal(dense[2], scatter[2])  # the weight gradient (from the column rows)

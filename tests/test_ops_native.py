@@ -19,12 +19,18 @@ def test_native_backend_is_built_and_active():
 def test_backend_info_reports_tuning_overrides(monkeypatch):
     monkeypatch.delenv("ERFTOOL_CHUNK_MB", raising=False)
     monkeypatch.delenv("ERFTOOL_CUDA_COLUMN_BUILD", raising=False)
+    for name in ("ERFTOOL_CPU_COLUMN_BUILD", "ERFTOOL_CPU_BANDS", "ERFTOOL_CPU_GEMM"):
+        monkeypatch.delenv(name, raising=False)
     info = ops.backend_info()
     assert info["chunk_mb"] == 256 and info["cuda_column_build"] == "by scope (default)"
+    assert info["cpu_tuning"] == "defaults"
     monkeypatch.setenv("ERFTOOL_CHUNK_MB", "32")
     monkeypatch.setenv("ERFTOOL_CUDA_COLUMN_BUILD", "shared")
+    monkeypatch.setenv("ERFTOOL_CPU_COLUMN_BUILD", "scatter")
+    monkeypatch.setenv("ERFTOOL_CPU_BANDS", "0")
     info = ops.backend_info()
     assert info["chunk_mb"] == 32 and info["cuda_column_build"] == "shared"
+    assert info["cpu_tuning"] == {"ERFTOOL_CPU_COLUMN_BUILD": "scatter", "ERFTOOL_CPU_BANDS": "0"}
 
 
 def _grads(case, tensors, backend):

@@ -16,6 +16,8 @@ import torch
 from . import _native
 
 BACKENDS = ("auto", "native", "reference")
+# The native CPU kernels' path overrides (native/cpu/deform_cpu.cpp).
+_CPU_TUNING = ("ERFTOOL_CPU_COLUMN_BUILD", "ERFTOOL_CPU_BANDS", "ERFTOOL_CPU_GEMM")
 _override: Optional[str] = None
 _warned = set()
 
@@ -100,9 +102,12 @@ def backend_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         # Tuning overrides a benchmark may have left set (ERFTOOL_CHUNK_MB,
-        # ERFTOOL_CUDA_COLUMN_BUILD): they change speed and memory, not results.
+        # ERFTOOL_CUDA_COLUMN_BUILD, ERFTOOL_CPU_*): they change speed and
+        # memory, not results.
         "chunk_mb": _native.chunk_bytes() / (1 << 20),
         "cuda_column_build": os.environ.get("ERFTOOL_CUDA_COLUMN_BUILD") or "by scope (default)",
+        "cpu_tuning": {name: os.environ[name] for name in _CPU_TUNING if os.environ.get(name)}
+        or "defaults",
     }
     if asked == "reference":
         info["active_cpu"] = "reference"

@@ -1,12 +1,14 @@
 // CPU kernels of erftool_native::deform_forward / deform_backward.
 //
 // Column form: per chunk of output positions, build the column rows
-// T[p][(g, s, c)] = sum_taps coef * value (deform_cpu_kernels.h), then one
-// grouped 1x1 convolution (oneDNN) or GEMM against the weight. The backward
-// gets G = grad_out W by GEMM, then one fused pass per chunk (backward_rows)
-// that derives the offset and mask gradients from G, rebuilds T for the
-// weight GEMM and, on a rigid data grid, scatters the input gradient in
-// race-free row-block phases. On large maps with a rigid data grid the
+// T[p][(g, s, c)] = sum_taps coef * value (in registers, dense_rows_cpu.h,
+// with kernel offsets and scopes of up to 16 cells; else the scatter of
+// deform_cpu_kernels.h), then one grouped 1x1 convolution (oneDNN) or GEMM
+// against the weight. The backward gets G = grad_out W by GEMM, then one
+// fused pass per chunk (backward_rows) that derives the offset and mask
+// gradients from G, rebuilds T for the weight GEMM (the register build runs
+// just before it instead) and, on a rigid data grid, scatters the input
+// gradient in race-free row-block phases. On large maps with a rigid data grid the
 // backward runs as a band pipeline instead: each thread takes whole bands of
 // output rows through both GEMMs and the fused pass while they are in cache.
 // Depthwise layers skip the GEMMs: their pass (depthwise_backward_rows) also
@@ -26,6 +28,7 @@
 #include <vector>
 
 #include "deform_cpu_kernels.h"
+#include "dense_rows_cpu.h"
 #include "layout_cpu.h"
 
 namespace erftool {
@@ -375,6 +378,24 @@ at::Tensor chunk_view(const at::Tensor& t, const Chunk& ch) {
   return t.narrow(0, ch.n0, ch.nc).narrow(2, ch.y0, ch.rows);
 }
 
+// ------------------------------------------------------------ column rows
+// Column rows in registers (dense_rows_cpu.h) where that applies, else the
+// scatter (build_rows). ERFTOOL_CPU_COLUMN_BUILD=scatter forces the scatter
+// (the tests compare the two bit for bit).
+bool dense_columns(const Geometry& g) {
+  const char* env = std::getenv("ERFTOOL_CPU_COLUMN_BUILD");
+  if (env && std::strcmp(env, "scatter") == 0) return false;
+  return dense_rows_apply(g);
+}
+
+template <typename T>
+void build_columns(bool dense, const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
+  if (dense)
+    build_rows_dense<T>(c, p0, p1, col);
+  else
+    build_rows<T>(c, p0, p1, col);
+}
+
 // ------------------------------------------------------------ depthwise image tasks
 // With enough images the depthwise layers run one image per task: the task
 // copies its image (and its grad_out) to channels-last rows in per-thread
@@ -450,13 +471,14 @@ void forward_impl(const Geometry& g, const Tensors<T>& t, const at::Tensor& w,
   if (!g.depthwise)
     wp = w.reshape({g.O, g.Cg, g.S2}).permute({0, 2, 1}).reshape({g.O, g.S2 * g.Cg, 1, 1}).contiguous();
   T* bp = buf.data_ptr<T>();
+  const bool dense = dense_columns(g);
   for (const Chunk& ch : chunks) {
     const Ctx<T> c = make_ctx(g, segs, t, ch);
     parallel_blocks(ch.positions(g), grain, [&](int64_t b, int64_t e) {
       if (g.depthwise)
         depthwise_rows<T>(c, b, e, bp);
       else
-        build_rows<T>(c, b, e, bp);
+        build_columns<T>(dense, c, b, e, bp);
     });
     if (g.depthwise) {
       rows_to_band(buf, ch, out);
@@ -565,9 +587,14 @@ void backward_chunk(const Geometry& g, const Ctx<T>& c, const Chunk& ch, const D
   const bool fused_input = gin && !g.has_doff && row_blocks(g, ch, ch.rows) >= kMinScatterBlocks;
   po.offsets = out.ptrs();
   po.gin = fused_input ? gin : nullptr;
-  if (po.col || need.offsets() || po.gin)
+  // Dense column rows are built on their own, before the pass.
+  T* const col = po.col;
+  const bool dense = col && dense_columns(g);
+  if (dense) po.col = nullptr;
+  if (col || need.offsets() || po.gin)
     row_block_phases(g, ch, ch.rows, [&](int64_t b, int64_t e, int64_t) {
-      backward_rows<T>(c, gr, po, b, e);
+      if (dense) build_rows_dense<T>(c, b, e, col);
+      if (po.col || need.offsets() || po.gin) backward_rows<T>(c, gr, po, b, e);
     });
   if (gin && !fused_input) input_grad_pass(g, c, gr, gin);
 }
@@ -648,6 +675,7 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
   T* gin = need.input ? out.input_cl.template data_ptr<T>() : nullptr;
   const T* go = grad_out.template data_ptr<T>();
   const std::vector<T> zeros(g.Cg, T(0));
+  const bool dense = need.weight && dense_columns(g);
 
   auto run_band = [&](const Chunk& ch, int64_t tid, int64_t slot) {
     const Ctx<T> c = make_ctx(g, segs, t, ch);
@@ -662,9 +690,11 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
                           g.sstride(), zeros.data()};
     PassOutputs<T> po;
     po.offsets = out.ptrs();
-    po.col = need.weight ? col[tid].template data_ptr<T>() : nullptr;
+    T* const band_col = need.weight ? col[tid].template data_ptr<T>() : nullptr;
+    if (dense) build_rows_dense<T>(c, int64_t(0), P, band_col);
+    po.col = dense ? nullptr : band_col;
     po.gin = gin;  // bands of one image run in order on one thread (data offsets)
-    backward_rows<T>(c, gr, po, int64_t(0), P);
+    if (po.col || need.offsets() || gin) backward_rows<T>(c, gr, po, int64_t(0), P);
     if (need.weight) {
       at::Tensor acc_slot = acc[slot];
       gemm_weight_grad_add(gout, col[tid].narrow(0, 0, P * L).view({1, ch.rows, g.Wo, L}),

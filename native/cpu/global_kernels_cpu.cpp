@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -28,6 +27,7 @@
 
 #include "deform_cpu_kernels.h"  // corner_rows, corner_sum(_stream), stream_copy
 #include "layout_cpu.h"          // transpose_block
+#include "vector_cpu.h"          // Vector64
 
 namespace erftool {
 namespace cpu {
@@ -193,14 +193,6 @@ const acc* gradient_row(const math::GlobalKernelShape& shape, bool tap_major, in
   return row;
 }
 
-// A vector of one 64-byte register's worth of T (16 floats, 8 doubles), in
-// the GCC / Clang vector extension.
-template <typename T>
-struct Vector64 {
-  static constexpr int kLanes = 64 / sizeof(T);
-  typedef T type __attribute__((vector_size(64)));
-};
-
 // Every sample's bilinear weights and slopes as dense rows over the scope's
 // cells, zero off its (at most four) corners and in the padding of each row
 // to `stride` (whole vectors of `lanes`): (samples, stride) each, samples in
@@ -276,12 +268,12 @@ void accumulate_tap_block(const ProductRows<acc>& r, int64_t c0, int64_t c1, Tap
     tap[k] = block.listed ? r.tap_list[block.first + k] : block.first + k;
   V rows[kTaps], sums[kTaps];
   for (int k = 0; k < kTaps; ++k) {
-    std::memcpy(&rows[k], r.a + tap[k] * r.stride + lane, sizeof(V));
+    rows[k] = load_vector<V>(r.a + tap[k] * r.stride + lane);
     sums[k] = V{};
   }
   for (int64_t c = c0; c < c1; ++c) {
-    V grad_row[2] = {V{}, V{}}, plane_row;  // two sums: half the chain of dependent adds
-    if (r.w) std::memcpy(&plane_row, r.w + c * r.stride + lane, sizeof(V));
+    V grad_row[2] = {V{}, V{}};  // two sums: half the chain of dependent adds
+    const V plane_row = r.w ? load_vector<V>(r.w + c * r.stride + lane) : V{};
     const acc* gc = r.g + c * r.taps;
     for (int k = 0; k < kTaps; ++k) {
       const acc gk = gc[tap[k]];
@@ -290,19 +282,13 @@ void accumulate_tap_block(const ProductRows<acc>& r, int64_t c0, int64_t c1, Tap
     }
     if (r.gw) {
       acc* dst = r.gw + c * r.stride + lane;
-      V old;
-      std::memcpy(&old, dst, sizeof(V));
-      old += grad_row[0] + grad_row[1];
-      std::memcpy(dst, &old, sizeof(V));
+      store_vector(dst, load_vector<V>(dst) + (grad_row[0] + grad_row[1]));
     }
   }
   if (r.w)
     for (int k = 0; k < kTaps; ++k) {
       acc* dst = r.m + tap[k] * r.stride + lane;
-      V old;
-      std::memcpy(&old, dst, sizeof(V));
-      old += sums[k];
-      std::memcpy(dst, &old, sizeof(V));
+      store_vector(dst, load_vector<V>(dst) + sums[k]);
     }
 }
 

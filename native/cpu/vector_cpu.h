@@ -1,0 +1,52 @@
+// Vectors of T in the GCC / Clang vector extension: arithmetic, comparisons
+// (lane masks) and `mask ? a : b` work lane by lane. A vector wider than the
+// target's registers is split into several (a 64-byte one into two AVX2
+// halves), which doubles the registers a kernel holds.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace erftool {
+namespace cpu {
+
+template <typename T, int kBytes>
+struct SimdVector {
+  static constexpr int kLanes = kBytes / sizeof(T);
+  typedef T type __attribute__((vector_size(kBytes)));
+  // Integers of T's width, for conversions and lane masks.
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> int_type
+      __attribute__((vector_size(kBytes)));
+};
+
+template <typename T>
+using Vector64 = SimdVector<T, 64>;
+
+// One register of the target (this module is built with -march=native).
+#if defined(__AVX512F__)
+constexpr int kRegisterBytes = 64;
+#elif defined(__AVX__)
+constexpr int kRegisterBytes = 32;
+#else
+constexpr int kRegisterBytes = 16;
+#endif
+
+template <typename T>
+using RegisterVector = SimdVector<T, kRegisterBytes>;
+
+// Unaligned load / store of a whole vector.
+template <typename V, typename T>
+inline V load_vector(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store_vector(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+}  // namespace cpu
+}  // namespace erftool
