@@ -432,8 +432,12 @@ def test_dense_column_rows_equal_the_scatter_bit_for_bit(monkeypatch, name, dtyp
         assert (a is None and b is None) or torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["scope4_wide", "nonsquare_stride_dilation", "dk_dc_mask"])
-def test_dense_column_rows_match_reference(name):
+@pytest.mark.parametrize("bands", ["0", "1"], ids=["chunk_loop", "band_pipeline"])
+@pytest.mark.parametrize("name", list(DENSE_CASES))
+def test_wide_layouts_match_reference(monkeypatch, name, bands):
+    # Whole vectors of channels and their tails, in the column rows and (on a
+    # rigid data grid) in the backward's pass of rigid_grid_backward_cpu.h.
+    monkeypatch.setenv("ERFTOOL_CPU_BANDS", bands)
     check_against_reference(DENSE_CASES[name])
 
 

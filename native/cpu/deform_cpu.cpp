@@ -30,6 +30,7 @@
 #include "deform_cpu_kernels.h"
 #include "dense_rows_cpu.h"
 #include "layout_cpu.h"
+#include "rigid_grid_backward_cpu.h"
 
 namespace erftool {
 namespace cpu {
@@ -548,6 +549,23 @@ struct Grads {
   }
 };
 
+// The fused pass over positions [p0, p1): the local DK's on a rigid data
+// grid where it applies (rigid_grid_backward_cpu.h), else backward_rows.
+template <typename T>
+void fused_pass(const Ctx<T>& c, const DenseGrad<T>& gr, const PassOutputs<T>& po, int64_t p0,
+                int64_t p1) {
+  if (rigid_grid_backward_applies(*c.g))
+    rigid_grid_backward_rows<T>(c, gr, po, p0, p1);
+  else
+    backward_rows<T>(c, gr, po, p0, p1);
+}
+
+// Whether the backward builds the column rows apart from the fused pass: in
+// registers, or for a pass that builds none.
+bool columns_apart(const Geometry& g) {
+  return dense_columns(g) || rigid_grid_backward_applies(g);
+}
+
 // Row blocks below which a chunk's input gradient is gathered in a pass of
 // its own instead of scattered in the fused pass (too few blocks per phase
 // to keep the threads busy). A constant, so results do not depend on the
@@ -587,14 +605,13 @@ void backward_chunk(const Geometry& g, const Ctx<T>& c, const Chunk& ch, const D
   const bool fused_input = gin && !g.has_doff && row_blocks(g, ch, ch.rows) >= kMinScatterBlocks;
   po.offsets = out.ptrs();
   po.gin = fused_input ? gin : nullptr;
-  // Dense column rows are built on their own, before the pass.
   T* const col = po.col;
-  const bool dense = col && dense_columns(g);
-  if (dense) po.col = nullptr;
+  const bool apart = col && columns_apart(g), dense = dense_columns(g);
+  if (apart) po.col = nullptr;
   if (col || need.offsets() || po.gin)
     row_block_phases(g, ch, ch.rows, [&](int64_t b, int64_t e, int64_t) {
-      if (dense) build_rows_dense<T>(c, b, e, col);
-      if (po.col || need.offsets() || po.gin) backward_rows<T>(c, gr, po, b, e);
+      if (apart) build_columns<T>(dense, c, b, e, col);
+      if (po.col || need.offsets() || po.gin) fused_pass<T>(c, gr, po, b, e);
     });
   if (gin && !fused_input) input_grad_pass(g, c, gr, gin);
 }
@@ -675,7 +692,7 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
   T* gin = need.input ? out.input_cl.template data_ptr<T>() : nullptr;
   const T* go = grad_out.template data_ptr<T>();
   const std::vector<T> zeros(g.Cg, T(0));
-  const bool dense = need.weight && dense_columns(g);
+  const bool apart = need.weight && columns_apart(g), dense = dense_columns(g);
 
   auto run_band = [&](const Chunk& ch, int64_t tid, int64_t slot) {
     const Ctx<T> c = make_ctx(g, segs, t, ch);
@@ -691,10 +708,10 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
     PassOutputs<T> po;
     po.offsets = out.ptrs();
     T* const band_col = need.weight ? col[tid].template data_ptr<T>() : nullptr;
-    if (dense) build_rows_dense<T>(c, int64_t(0), P, band_col);
-    po.col = dense ? nullptr : band_col;
+    if (apart) build_columns<T>(dense, c, int64_t(0), P, band_col);
+    po.col = apart ? nullptr : band_col;
     po.gin = gin;  // bands of one image run in order on one thread (data offsets)
-    if (po.col || need.offsets() || gin) backward_rows<T>(c, gr, po, int64_t(0), P);
+    if (po.col || need.offsets() || gin) fused_pass<T>(c, gr, po, int64_t(0), P);
     if (need.weight) {
       at::Tensor acc_slot = acc[slot];
       gemm_weight_grad_add(gout, col[tid].narrow(0, 0, P * L).view({1, ch.rows, g.Wo, L}),

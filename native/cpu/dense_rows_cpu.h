@@ -50,8 +50,7 @@ ERFTOOL_ALWAYS_INLINE void axis_weight_rows(typename RegisterVector<T>::type u, 
   using I = typename RegisterVector<T>::int_type;
   const I inside = (u > T(-1)) & (u < T(S));  // NaN fails both
   const V us = inside ? u : V{};  // nothing out of range reaches the conversion
-  const V trunc = __builtin_convertvector(__builtin_convertvector(us, I), V);
-  const V lo = trunc > us ? trunc - T(1) : trunc;  // floor
+  const V lo = floor_lanes<V, I>(us);
   const V frac = us - lo;
   for (int64_t i = 0; i < S; ++i) {
     const I at_lo = inside & (lo == T(i)), at_hi = inside & (lo + T(1) == T(i));

@@ -16,8 +16,8 @@ struct SimdVector {
   static constexpr int kLanes = kBytes / sizeof(T);
   typedef T type __attribute__((vector_size(kBytes)));
   // Integers of T's width, for conversions and lane masks.
-  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> int_type
-      __attribute__((vector_size(kBytes)));
+  using int_lane = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef int_lane int_type __attribute__((vector_size(kBytes)));
 };
 
 template <typename T>
@@ -34,6 +34,22 @@ constexpr int kRegisterBytes = 16;
 
 template <typename T>
 using RegisterVector = SimdVector<T, kRegisterBytes>;
+
+// floor() lane by lane, for lanes whose values fit T's integers (callers
+// first replace NaN and out-of-range lanes).
+template <typename V, typename I>
+inline V floor_lanes(const V& u) {
+  const V trunc = __builtin_convertvector(__builtin_convertvector(u, I), V);
+  return trunc > u ? trunc - 1 : trunc;
+}
+
+// Sum of the lanes.
+template <typename V>
+inline auto sum_lanes(const V& v) {
+  auto s = v[0];
+  for (int i = 1; i < static_cast<int>(sizeof(V) / sizeof(s)); ++i) s += v[i];
+  return s;
+}
 
 // Unaligned load / store of a whole vector.
 template <typename V, typename T>
