@@ -5,10 +5,11 @@
 // with kernel offsets and scopes of up to 16 cells; else the scatter of
 // deform_cpu_kernels.h), then one grouped 1x1 convolution (oneDNN) or GEMM
 // against the weight. The backward gets G = grad_out W by GEMM, then one
-// fused pass per chunk (backward_rows) that derives the offset and mask
-// gradients from G, rebuilds T for the weight GEMM (the register build runs
-// just before it instead) and, on a rigid data grid, scatters the input
-// gradient in race-free row-block phases. On large maps with a rigid data grid the
+// fused pass per chunk that derives the offset and mask gradients from G
+// and, on a rigid data grid, scatters the input gradient in race-free
+// row-block phases: with kernel offsets and the register build, by runs of
+// positions (lane_backward_cpu.h), T rebuilt just before it for the weight
+// GEMM; otherwise backward_rows, which rebuilds T itself. On large maps with a rigid data grid the
 // backward runs as a band pipeline instead: each thread takes whole bands of
 // output rows through both GEMMs and the fused pass while they are in cache.
 // Depthwise layers skip the GEMMs: their pass (depthwise_backward_rows) also
@@ -29,8 +30,8 @@
 
 #include "deform_cpu_kernels.h"
 #include "dense_rows_cpu.h"
+#include "lane_backward_cpu.h"
 #include "layout_cpu.h"
-#include "rigid_grid_backward_cpu.h"
 
 namespace erftool {
 namespace cpu {
@@ -549,23 +550,20 @@ struct Grads {
   }
 };
 
-// The fused pass over positions [p0, p1): the local DK's on a rigid data
-// grid where it applies (rigid_grid_backward_cpu.h), else backward_rows.
+// The fused pass over positions [p0, p1): by runs of positions
+// (lane_backward_cpu.h) where it applies, else backward_rows. The former
+// builds no column rows: the backward builds them apart there (in
+// registers, or by the forward's scatter when forced).
 template <typename T>
 void fused_pass(const Ctx<T>& c, const DenseGrad<T>& gr, const PassOutputs<T>& po, int64_t p0,
                 int64_t p1) {
-  if (rigid_grid_backward_applies(*c.g))
-    rigid_grid_backward_rows<T>(c, gr, po, p0, p1);
+  if (lane_backward_applies(*c.g))
+    lane_backward_rows<T>(c, gr, po, p0, p1);
   else
     backward_rows<T>(c, gr, po, p0, p1);
 }
 
-// Whether the backward builds the column rows apart from the fused pass (in
-// registers, or by the forward's scatter): where the pass builds none. Where
-// it samples the data (data offsets, mask), it builds them itself from those
-// samples (DK + DC with the register build apart, sampling the data twice:
-// forward+backward 3.99 / 4.31x conv2d against 3.65 / 3.70x, 56x56x64).
-bool columns_apart(const Geometry& g) { return rigid_grid_backward_applies(g); }
+bool columns_apart(const Geometry& g) { return lane_backward_applies(g); }
 
 // Row blocks below which a chunk's input gradient is gathered in a pass of
 // its own instead of scattered in the fused pass (too few blocks per phase

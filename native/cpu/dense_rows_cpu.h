@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "deform_cpu_kernels.h"
+#include "lane_sampling_cpu.h"
 #include "vector_cpu.h"
 
 namespace erftool {
@@ -63,18 +64,18 @@ template <typename T, int NS>
 struct DenseRun {
   static constexpr int R = RegisterVector<T>::kLanes;
   std::vector<T> weights;      // (G, K, NS, R): tap t's weight of cell s, lane last
-  std::vector<const T*> taps;  // (R, DG, K): tap values from channel 0 on, or null
-  std::vector<T> samples;      // (R, K, C): bilinear or masked tap values
-  Scratch<T> scratch;
+  LaneRun<T> data;             // the taps' data corners or pixels, and mask
+  std::vector<const T*> taps;  // (DG, K) of one lane: tap values from channel 0 on, or null
+  std::vector<T> samples;      // (K, C) of one lane: bilinear or masked tap values
 
   explicit DenseRun(const Geometry& g)
       : weights(g.G * g.K * NS * R, T(0)),  // cells S2..NS-1 stay zero
-        taps(R * g.DG * g.K),
-        samples((g.has_doff || g.has_mask) ? R * g.K * g.C : 0),
-        scratch(g) {}
+        data(g, false),
+        taps(g.DG * g.K),
+        samples((g.has_doff || g.has_mask) ? g.K * g.C : 0) {}
 };
 
-// Dense weights and tap values of positions (n, y, x + l), l < run.
+// Dense weights of positions (n, y, x + l), l < run, and their data corners.
 template <typename T, int NS>
 ERFTOOL_ALWAYS_INLINE void sample_run(const Ctx<T>& c, int64_t n, int64_t y, int64_t x,
                                       int64_t run, DenseRun<T, NS>& r) {
@@ -82,46 +83,55 @@ ERFTOOL_ALWAYS_INLINE void sample_run(const Ctx<T>& c, int64_t n, int64_t y, int
   constexpr int R = DenseRun<T, NS>::R;
   const Geometry& g = *c.g;
   const int64_t P = g.plane(), q = y * g.Wo + x;
-  const T* img = c.image(n);
+  const T* koff = c.koff + n * 2 * g.G * g.K * P;
   V rows[kDenseMostCells], cols[kDenseMostCells];
-  Scratch<T>& s = r.scratch;
   for (int64_t a = 0; a < g.Kh; ++a)
     for (int64_t b = 0; b < g.Kw; ++b) {
       const int64_t t = a * g.Kw + b;
       for (int64_t kg = 0; kg < g.G; ++kg) {
-        const T* dr = c.koff + (n * 2 * g.G * g.K + kg * 2 * g.K + 2 * t) * P + q;
-        V u{}, v{};
-        if (run == R) {
-          u = load_vector<V>(dr);
-          v = load_vector<V>(dr + P);
-        } else {
-          for (int64_t l = 0; l < run; ++l) u[l] = dr[l], v[l] = dr[P + l];
-        }
-        axis_weight_rows<T>(math::scope_coordinate<T>(a, g.Kh, g.Sh, T(0)) + u, g.Sh, rows);
-        axis_weight_rows<T>(math::scope_coordinate<T>(b, g.Kw, g.Sw, T(0)) + v, g.Sw, cols);
+        const int64_t ch = kg * 2 * g.K + 2 * t;
+        axis_weight_rows<T>(math::scope_coordinate<T>(a, g.Kh, g.Sh, T(0)) +
+                                plane_lanes(koff, ch, P, q, run), g.Sh, rows);
+        axis_weight_rows<T>(math::scope_coordinate<T>(b, g.Kw, g.Sw, T(0)) +
+                                plane_lanes(koff, ch + 1, P, q, run), g.Sw, cols);
         T* w = r.weights.data() + (kg * g.K + t) * NS * R;
         for (int64_t i = 0; i < g.Sh; ++i)
           for (int64_t j = 0; j < g.Sw; ++j) store_vector(w + (i * g.Sw + j) * R, rows[i] * cols[j]);
       }
-      const bool sampled = g.has_doff || g.has_mask;
-      for (int64_t l = 0; l < run; ++l) {
-        const T** taps = r.taps.data() + l * g.DG * g.K;
-        if (!sampled) {  // the rigid tap pixel
-          const int64_t iy = y * g.sh - g.ph + a * g.dh, ix = (x + l) * g.sw - g.pw + b * g.dw;
-          const bool on = iy >= 0 && iy < g.H && ix >= 0 && ix < g.W;
-          for (int64_t dg = 0; dg < g.DG; ++dg)
-            taps[dg * g.K + t] = on ? img + (iy * g.W + ix) * g.C : nullptr;
-          continue;
-        }
-        sample_tap(c, n, y, x + l, a, b, s);
-        T* buf = r.samples.data() + (l * g.K + t) * g.C;
-        for (int64_t dg = 0; dg < g.DG; ++dg) {
-          const int64_t c0 = dg * (g.C / g.DG);
-          const T* v = tap_values(s.dc[dg], s.m[dg], img, g.C, c0, g.C / g.DG, buf + c0);
-          taps[dg * g.K + t] = v ? v - c0 : nullptr;
-        }
-      }
     }
+  r.data.sample(c, n, y, x, run);
+}
+
+// The tap values of lane l into r.taps: the input pixel itself, or the
+// bilinear / masked sample (tap_values, as build_rows takes them).
+template <typename T, int NS>
+ERFTOOL_ALWAYS_INLINE void lane_taps(const Ctx<T>& c, int64_t n, int64_t l, DenseRun<T, NS>& r) {
+  constexpr int R = DenseRun<T, NS>::R;
+  const Geometry& g = *c.g;
+  const T* img = c.image(n);
+  const LaneRun<T>& d = r.data;
+  for (int64_t t = 0; t < g.K; ++t) {
+    const int64_t pixel = g.has_doff ? -1 : d.pixel[t * R + l];
+    if (!(g.has_doff || g.has_mask)) {
+      for (int64_t dg = 0; dg < g.DG; ++dg)
+        r.taps[dg * g.K + t] = pixel >= 0 ? img + pixel * g.C : nullptr;
+      continue;
+    }
+    T* buf = r.samples.data() + t * g.C;
+    for (int64_t dg = 0; dg < g.DG; ++dg) {
+      if (!g.has_doff && pixel < 0) {
+        r.taps[dg * g.K + t] = nullptr;
+        continue;
+      }
+      const BilinearCorners<T> corners = g.has_doff
+                                             ? d.data[dg * g.K + t].corners(l)
+                                             : pixel_corner<T>(pixel / g.W, pixel % g.W, g.H, g.W);
+      const T m = g.has_mask ? d.mask[(dg * g.K + t) * R + l] : T(1);
+      const int64_t c0 = dg * (g.C / g.DG);
+      const T* v = tap_values(corners, m, img, g.C, c0, g.C / g.DG, buf + c0);
+      r.taps[dg * g.K + t] = v ? v - c0 : nullptr;
+    }
+  }
 }
 
 // Cells 0..S2-1 of channels [ch, ch + width of V) of lane l: every tap's
@@ -155,11 +165,12 @@ void build_rows_dense_ns(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
     const int64_t run = std::min<int64_t>({R, p1 - p, g.Wo - x});
     sample_run(c, n, y, x, run, r);
     for (int64_t l = 0; l < run; ++l) {
+      lane_taps(c, n, l, r);
       T* row = col + (p + l) * g.row_len();
       for (int64_t si = 0; si < c.nsegs; ++si) {
         const Segment& sg = c.segs[si];
         const T* w = r.weights.data() + sg.kg * g.K * NS * R;
-        const T* const* taps = r.taps.data() + (l * g.DG + sg.dg) * g.K;
+        const T* const* taps = r.taps.data() + sg.dg * g.K;
         T* dst = row + sg.colbase;
         int64_t ch = sg.c0;
         for (; ch + R <= sg.c1; ch += R)
