@@ -398,7 +398,8 @@ def test_band_pipeline_and_chunk_loop_agree_by_default_on_a_large_map(monkeypatc
 # and scopes of up to 16 cells they replace the scatter of build_rows, whole
 # vectors of channels (16 floats / 8 doubles with AVX-512) plus a channel-by-
 # channel tail. Same arithmetic, so the same bits as the scatter, which
-# ERFTOOL_CPU_COLUMN_BUILD=scatter forces.
+# ERFTOOL_CPU_COLUMN_BUILD=scatter forces. The same layouts take the
+# backward's pass by runs of positions (lane_backward_cpu.h).
 DENSE_CASES = {
     "scope4_wide": config(C=40, O=12, H=9, W=11),
     "scope3_groups_offset_groups": config(C=48, O=10, groups=2, G=3, S=(3, 3)),
@@ -435,8 +436,8 @@ def test_dense_column_rows_equal_the_scatter_bit_for_bit(monkeypatch, name, dtyp
 @pytest.mark.parametrize("bands", ["0", "1"], ids=["chunk_loop", "band_pipeline"])
 @pytest.mark.parametrize("name", list(DENSE_CASES))
 def test_wide_layouts_match_reference(monkeypatch, name, bands):
-    # Whole vectors of channels and their tails, in the column rows and (on a
-    # rigid data grid) in the backward's pass of rigid_grid_backward_cpu.h.
+    # Whole vectors of channels and their tails, in the column rows and in
+    # the backward's pass by runs of positions (lane_backward_cpu.h).
     monkeypatch.setenv("ERFTOOL_CPU_BANDS", bands)
     check_against_reference(DENSE_CASES[name])
 
