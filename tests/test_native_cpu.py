@@ -61,6 +61,8 @@ def make(cfg, dtype=torch.float64, seed=0):
         t["koff"] = r(cfg["N"], 2 * cfg["G"] * taps, ho, wo, scale=0.8)
     if cfg["doff"]:
         t["doff"] = r(cfg["N"], 2 * cfg["DG"] * taps, ho, wo, scale=1.5)
+        if cfg.get("integer_doff"):  # whole pixels: every tap reads one pixel, unscaled
+            t["doff"] = t["doff"].round()
     if cfg["mask"]:
         t["mask"] = torch.rand(cfg["N"], cfg["DG"] * taps, ho, wo, generator=g,
                                dtype=torch.float64).to(dtype)
@@ -398,7 +400,8 @@ def test_band_pipeline_and_chunk_loop_agree_by_default_on_a_large_map(monkeypatc
 # and scopes of up to 16 cells they replace the scatter of build_rows, whole
 # vectors of channels (16 floats / 8 doubles with AVX-512) plus a channel-by-
 # channel tail. Same arithmetic, so the same bits as the scatter, which
-# ERFTOOL_CPU_COLUMN_BUILD=scatter forces. The same layouts take the
+# ERFTOOL_CPU_COLUMN_BUILD=scatter forces. Without kernel offsets (DC) each
+# tap's values go straight into its cell. The same layouts take the
 # backward's pass by runs of positions (lane_backward_cpu.h).
 DENSE_CASES = {
     "scope4_wide": config(C=40, O=12, H=9, W=11),
@@ -409,6 +412,13 @@ DENSE_CASES = {
     "mask_rigid_grid": config(C=32, O=8, mask=True),
     "dk_dc_mask": config(C=24, O=8, doff=True, mask=True, G=2, DG=2),
     "runs_across_rows": config(N=3, C=16, O=4, H=5, W=23),  # 23 = 16 + 7 lanes
+    # DC: the scope is the kernel (or centred in it), each tap fills its cell
+    "dc_v1": config(C=24, O=8, koff=False, S=(3, 3), doff=True),
+    "dc_v2_centred_scope4_groups": config(C=40, O=12, groups=2, DG=2, koff=False, doff=True,
+                                          mask=True),
+    "dc_whole_pixel_offsets": config(C=20, O=6, koff=False, S=(3, 3), doff=True,
+                                     integer_doff=True),
+    "dk_dc_whole_pixel_offsets": config(C=20, O=6, doff=True, integer_doff=True),
 }
 
 

@@ -1,17 +1,19 @@
 // CPU kernels of erftool_native::deform_forward / deform_backward.
 //
 // Column form: per chunk of output positions, build the column rows
-// T[p][(g, s, c)] = sum_taps coef * value (in registers, dense_rows_cpu.h,
-// with kernel offsets and scopes of up to 16 cells; else the scatter of
-// deform_cpu_kernels.h), then one grouped 1x1 convolution (oneDNN) or GEMM
-// against the weight. The backward gets G = grad_out W by GEMM, then one
-// fused pass per chunk that derives the offset and mask gradients from G
-// and, on a rigid data grid, scatters the input gradient in race-free
-// row-block phases: with kernel offsets and the register build, by runs of
-// positions (lane_backward_cpu.h), T rebuilt just before it for the weight
-// GEMM; otherwise backward_rows, which rebuilds T itself. On large maps with a rigid data grid the
-// backward runs as a band pipeline instead: each thread takes whole bands of
-// output rows through both GEMMs and the fused pass while they are in cache.
+// T[p][(g, s, c)] = sum_taps coef * value (by runs of positions,
+// dense_rows_cpu.h: in registers with kernel offsets and scopes of up to 16
+// cells, tap by tap for DC; else the scatter of deform_cpu_kernels.h), then
+// one grouped 1x1 convolution (oneDNN) or GEMM against the weight. The
+// backward gets G = grad_out W by GEMM, then one fused pass per chunk that
+// derives the offset and mask gradients from G and, on a rigid data grid,
+// scatters the input gradient in race-free row-block phases: by runs of
+// positions (lane_backward_cpu.h; not on depthwise layers or scopes over 16
+// cells), T rebuilt just before it for the weight GEMM; otherwise
+// backward_rows, which rebuilds T itself. On large maps with a rigid data
+// grid the backward runs as a band pipeline instead: each thread takes whole
+// bands of output rows through both GEMMs and the fused pass while they are
+// in cache.
 // Depthwise layers skip the GEMMs: their pass (depthwise_backward_rows) also
 // accumulates the weight gradient, and with a few images they run image by
 // image, with per-thread channels-last copies.
@@ -381,19 +383,25 @@ at::Tensor chunk_view(const at::Tensor& t, const Chunk& ch) {
 }
 
 // ------------------------------------------------------------ column rows
-// Column rows in registers (dense_rows_cpu.h) where that applies, else the
+// By runs of positions (dense_rows_cpu.h) where that applies: in registers
+// with kernel offsets, tap by tap into their cells without (DC); else the
 // scatter (build_rows). ERFTOOL_CPU_COLUMN_BUILD=scatter forces the scatter
 // (the tests compare the two bit for bit).
-bool dense_columns(const Geometry& g) {
+enum class ColumnBuild { kScatter, kDense, kTapCells };
+
+ColumnBuild column_build(const Geometry& g) {
   const char* env = std::getenv("ERFTOOL_CPU_COLUMN_BUILD");
-  if (env && std::strcmp(env, "scatter") == 0) return false;
-  return dense_rows_apply(g);
+  if (env && std::strcmp(env, "scatter") == 0) return ColumnBuild::kScatter;
+  if (dense_rows_apply(g)) return ColumnBuild::kDense;
+  return g.has_koff || g.depthwise ? ColumnBuild::kScatter : ColumnBuild::kTapCells;
 }
 
 template <typename T>
-void build_columns(bool dense, const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
-  if (dense)
+void build_columns(ColumnBuild how, const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
+  if (how == ColumnBuild::kDense)
     build_rows_dense<T>(c, p0, p1, col);
+  else if (how == ColumnBuild::kTapCells)
+    build_rows_tap_cells<T>(c, p0, p1, col);
   else
     build_rows<T>(c, p0, p1, col);
 }
@@ -473,14 +481,14 @@ void forward_impl(const Geometry& g, const Tensors<T>& t, const at::Tensor& w,
   if (!g.depthwise)
     wp = w.reshape({g.O, g.Cg, g.S2}).permute({0, 2, 1}).reshape({g.O, g.S2 * g.Cg, 1, 1}).contiguous();
   T* bp = buf.data_ptr<T>();
-  const bool dense = dense_columns(g);
+  const ColumnBuild how = column_build(g);
   for (const Chunk& ch : chunks) {
     const Ctx<T> c = make_ctx(g, segs, t, ch);
     parallel_blocks(ch.positions(g), grain, [&](int64_t b, int64_t e) {
       if (g.depthwise)
         depthwise_rows<T>(c, b, e, bp);
       else
-        build_columns<T>(dense, c, b, e, bp);
+        build_columns<T>(how, c, b, e, bp);
     });
     if (g.depthwise) {
       rows_to_band(buf, ch, out);
@@ -552,8 +560,8 @@ struct Grads {
 
 // The fused pass over positions [p0, p1): by runs of positions
 // (lane_backward_cpu.h) where it applies, else backward_rows. The former
-// builds no column rows: the backward builds them apart there (in
-// registers, or by the forward's scatter when forced).
+// builds no column rows: the backward builds them apart there
+// (build_columns).
 template <typename T>
 void fused_pass(const Ctx<T>& c, const DenseGrad<T>& gr, const PassOutputs<T>& po, int64_t p0,
                 int64_t p1) {
@@ -605,11 +613,12 @@ void backward_chunk(const Geometry& g, const Ctx<T>& c, const Chunk& ch, const D
   po.offsets = out.ptrs();
   po.gin = fused_input ? gin : nullptr;
   T* const col = po.col;
-  const bool apart = col && columns_apart(g), dense = dense_columns(g);
+  const bool apart = col && columns_apart(g);
+  const ColumnBuild how = column_build(g);
   if (apart) po.col = nullptr;
   if (col || need.offsets() || po.gin)
     row_block_phases(g, ch, ch.rows, [&](int64_t b, int64_t e, int64_t) {
-      if (apart) build_columns<T>(dense, c, b, e, col);
+      if (apart) build_columns<T>(how, c, b, e, col);
       if (po.col || need.offsets() || po.gin) fused_pass<T>(c, gr, po, b, e);
     });
   if (gin && !fused_input) input_grad_pass(g, c, gr, gin);
@@ -691,7 +700,8 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
   T* gin = need.input ? out.input_cl.template data_ptr<T>() : nullptr;
   const T* go = grad_out.template data_ptr<T>();
   const std::vector<T> zeros(g.Cg, T(0));
-  const bool apart = need.weight && columns_apart(g), dense = dense_columns(g);
+  const bool apart = need.weight && columns_apart(g);
+  const ColumnBuild how = column_build(g);
 
   auto run_band = [&](const Chunk& ch, int64_t tid, int64_t slot) {
     const Ctx<T> c = make_ctx(g, segs, t, ch);
@@ -707,7 +717,7 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
     PassOutputs<T> po;
     po.offsets = out.ptrs();
     T* const band_col = need.weight ? col[tid].template data_ptr<T>() : nullptr;
-    if (apart) build_columns<T>(dense, c, int64_t(0), P, band_col);
+    if (apart) build_columns<T>(how, c, int64_t(0), P, band_col);
     po.col = apart ? nullptr : band_col;
     po.gin = gin;  // bands of one image run in order on one thread (data offsets)
     if (po.col || need.offsets() || gin) fused_pass<T>(c, gr, po, int64_t(0), P);

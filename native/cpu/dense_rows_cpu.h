@@ -111,24 +111,17 @@ ERFTOOL_ALWAYS_INLINE void lane_taps(const Ctx<T>& c, int64_t n, int64_t l, Dens
   const T* img = c.image(n);
   const LaneRun<T>& d = r.data;
   for (int64_t t = 0; t < g.K; ++t) {
-    const int64_t pixel = g.has_doff ? -1 : d.pixel[t * R + l];
     if (!(g.has_doff || g.has_mask)) {
+      const int64_t pixel = d.pixel[t * R + l];
       for (int64_t dg = 0; dg < g.DG; ++dg)
         r.taps[dg * g.K + t] = pixel >= 0 ? img + pixel * g.C : nullptr;
       continue;
     }
     T* buf = r.samples.data() + t * g.C;
     for (int64_t dg = 0; dg < g.DG; ++dg) {
-      if (!g.has_doff && pixel < 0) {
-        r.taps[dg * g.K + t] = nullptr;
-        continue;
-      }
-      const BilinearCorners<T> corners = g.has_doff
-                                             ? d.data[dg * g.K + t].corners(l)
-                                             : pixel_corner<T>(pixel / g.W, pixel % g.W, g.H, g.W);
-      const T m = g.has_mask ? d.mask[(dg * g.K + t) * R + l] : T(1);
       const int64_t c0 = dg * (g.C / g.DG);
-      const T* v = tap_values(corners, m, img, g.C, c0, g.C / g.DG, buf + c0);
+      const T* v = tap_values(d.tap_corners(g, dg, t, l), d.tap_mask(g, dg, t, l), img, g.C, c0,
+                              g.C / g.DG, buf + c0);
       r.taps[dg * g.K + t] = v ? v - c0 : nullptr;
     }
   }
@@ -193,6 +186,39 @@ void build_rows_dense(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
     build_rows_dense_ns<T, 9>(c, p0, p1, col);
   else
     build_rows_dense_ns<T, kDenseMostCells>(c, p0, p1, col);
+}
+
+// Without kernel offsets (DC: the scope is the kernel) tap t fills cell t
+// alone: its lane-sampled values are written straight into the row, the
+// same values build_rows writes (tap_values; zero where it reads nothing).
+template <typename T>
+void build_rows_tap_cells(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
+  constexpr int R = RegisterVector<T>::kLanes;
+  const Geometry& g = *c.g;
+  LaneRun<T> lanes(g, false);
+  for (int64_t p = p0; p < p1;) {
+    int64_t n, y, x;
+    decode(c, p, &n, &y, &x);
+    const int64_t run = std::min<int64_t>({R, p1 - p, g.Wo - x});
+    lanes.sample(c, n, y, x, run);
+    const T* img = c.image(n);
+    for (int64_t l = 0; l < run; ++l) {
+      T* row = col + (p + l) * g.row_len();
+      for (int64_t t = 0; t < g.K; ++t)
+        for (int64_t si = 0; si < c.nsegs; ++si) {
+          const Segment& sg = c.segs[si];
+          const int64_t len = sg.c1 - sg.c0;
+          T* dst = row + sg.colbase + t * g.sstride();
+          const T* v = tap_values(lanes.tap_corners(g, sg.dg, t, l), lanes.tap_mask(g, sg.dg, t, l),
+                                  img, g.C, sg.c0, len, dst);
+          if (!v)
+            std::fill(dst, dst + len, T(0));
+          else if (v != dst)
+            std::copy(v, v + len, dst);
+        }
+    }
+    p += run;
+  }
 }
 
 }  // namespace cpu

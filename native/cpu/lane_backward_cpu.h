@@ -1,5 +1,5 @@
-// The fused backward pass of the column form with kernel offsets (DK,
-// DK + DC; not depthwise) for runs of positions along an output row: the offset and mask
+// The fused backward pass of the column form (DK, DC, DK + DC; not
+// depthwise) for runs of positions along an output row: the offset and mask
 // gradients and the input gradient from the column gradient G.
 //
 // backward_rows (deform_cpu_kernels.h) samples the scope and data corners
@@ -32,10 +32,12 @@
 namespace erftool {
 namespace cpu {
 
-// Kernel offsets and the column rows' register build (the backward builds
-// the rows apart for this pass; DC and larger scopes keep backward_rows,
-// which builds them from its own samples).
-inline bool lane_backward_applies(const Geometry& g) { return dense_rows_apply(g); }
+// Where the backward builds the column rows apart for this pass by runs too
+// (dense_rows_cpu.h): kernel offsets with the register build, or none (DC).
+// Larger scopes keep backward_rows, which builds them from its own samples.
+inline bool lane_backward_applies(const Geometry& g) {
+  return !g.depthwise && (!g.has_koff || dense_rows_apply(g));
+}
 
 // One tap of one segment at one position: the rows it reads (indexed by
 // channel), their weights, the input-gradient rows it adds to, and the sums.
@@ -56,11 +58,18 @@ struct TapSums {
   V ky{}, kx{}, dy{}, dx{}, m{};
 };
 
-template <bool kSampled, typename V, typename T>
+// kSampled: four data corners (else the rigid pixel); kOneCell: the tap
+// reads one scope cell with weight 1 (DC: no kernel offsets, no slopes).
+template <bool kSampled, bool kOneCell, typename V, typename T>
 ERFTOOL_ALWAYS_INLINE void tap_channels(int64_t ch, const TapRefs<T>& r, TapSums<V>& s) {
-  const V g0 = load_vector<V>(r.g[0] + ch), g1 = load_vector<V>(r.g[1] + ch);
-  const V g2 = load_vector<V>(r.g[2] + ch), g3 = load_vector<V>(r.g[3] + ch);
-  const V grad = r.kw[0] * g0 + r.kw[1] * g1 + r.kw[2] * g2 + r.kw[3] * g3;
+  const V g0 = load_vector<V>(r.g[0] + ch);
+  V g1{}, g2{}, g3{}, grad = g0;
+  if (!kOneCell) {
+    g1 = load_vector<V>(r.g[1] + ch);
+    g2 = load_vector<V>(r.g[2] + ch);
+    g3 = load_vector<V>(r.g[3] + ch);
+    grad = r.kw[0] * g0 + r.kw[1] * g1 + r.kw[2] * g2 + r.kw[3] * g3;
+  }
   for (int j = 0; j < r.gins; ++j)
     store_vector(r.gin[j] + ch, load_vector<V>(r.gin[j] + ch) + r.gin_scale[j] * grad);
   if (!(r.kernel_slopes || r.data_slopes || r.mask)) return;
@@ -72,7 +81,7 @@ ERFTOOL_ALWAYS_INLINE void tap_channels(int64_t ch, const TapRefs<T>& r, TapSums
     x3 = load_vector<V>(r.x[3] + ch);
     x = r.dw[0] * x0 + r.dw[1] * x1 + r.dw[2] * x2 + r.dw[3] * x3;
   }
-  if (r.kernel_slopes) {
+  if (!kOneCell && r.kernel_slopes) {
     s.ky += x * (r.kdy[0] * g0 + r.kdy[1] * g1 + r.kdy[2] * g2 + r.kdy[3] * g3);
     s.kx += x * (r.kdx[0] * g0 + r.kdx[1] * g1 + r.kdx[2] * g2 + r.kdx[3] * g3);
   }
@@ -81,6 +90,16 @@ ERFTOOL_ALWAYS_INLINE void tap_channels(int64_t ch, const TapRefs<T>& r, TapSums
     s.dx += (r.ddx[0] * x0 + r.ddx[1] * x1 + r.ddx[2] * x2 + r.ddx[3] * x3) * grad;
   }
   if (r.mask) s.m += x * grad;
+}
+
+// The channels of one segment: whole vectors, then the tail.
+template <bool kSampled, bool kOneCell, typename V, typename T>
+ERFTOOL_ALWAYS_INLINE void tap_segment(const Segment& sg, const TapRefs<T>& r, TapSums<V>& vs,
+                                       TapSums<T>& ts) {
+  constexpr int R = RegisterVector<T>::kLanes;
+  int64_t ch = sg.c0;
+  for (; ch + R <= sg.c1; ch += R) tap_channels<kSampled, kOneCell>(ch, r, vs);
+  for (; ch < sg.c1; ++ch) tap_channels<kSampled, kOneCell>(ch, r, ts);
 }
 
 // Positions [p0, p1) of the chunk: the offset and mask gradients and po.gin
@@ -138,27 +157,31 @@ void lane_backward_rows(const Ctx<T>& c, const DenseGrad<T>& gr, const PassOutpu
           }
           // G's cell s of this segment, indexed by channel.
           const T* cells = grow + sg.colbase - sg.c0;
-          const LaneCorners<T>& k = run_data.scope[sg.kg * g.K + t];
-          for (int i = 0; i < 4; ++i) {
-            const int64_t at = i * R + l;
-            r.g[i] = cells + k.index[at] * ss;
-            r.kw[i] = k.weight[at];
-            r.kdy[i] = k.d_dy[at];
-            r.kdx[i] = k.d_dx[at];
+          if (g.has_koff) {
+            const LaneCorners<T>& k = run_data.scope[sg.kg * g.K + t];
+            for (int i = 0; i < 4; ++i) {
+              const int64_t at = i * R + l;
+              r.g[i] = cells + k.index[at] * ss;
+              r.kw[i] = k.weight[at];
+              r.kdy[i] = k.d_dy[at];
+              r.kdx[i] = k.d_dx[at];
+            }
+          } else {  // the scope is the kernel: tap t is cell t (kOneCell)
+            r.g[0] = cells + t * ss;
           }
           r.kernel_slopes = out.koff != nullptr;
           r.data_slopes = out.doff != nullptr;
           r.mask = out.mask != nullptr;
           TapSums<V> vs;
           TapSums<T> ts;
-          int64_t ch = sg.c0;
-          if (g.has_doff) {
-            for (; ch + R <= sg.c1; ch += R) tap_channels<true>(ch, r, vs);
-            for (; ch < sg.c1; ++ch) tap_channels<true>(ch, r, ts);
-          } else {
-            for (; ch + R <= sg.c1; ch += R) tap_channels<false>(ch, r, vs);
-            for (; ch < sg.c1; ++ch) tap_channels<false>(ch, r, ts);
-          }
+          if (g.has_doff && !g.has_koff)
+            tap_segment<true, true>(sg, r, vs, ts);
+          else if (g.has_doff)
+            tap_segment<true, false>(sg, r, vs, ts);
+          else if (!g.has_koff)
+            tap_segment<false, true>(sg, r, vs, ts);
+          else
+            tap_segment<false, false>(sg, r, vs, ts);
           gk[2 * sg.kg] += m * (sum_lanes(vs.ky) + ts.ky);
           gk[2 * sg.kg + 1] += m * (sum_lanes(vs.kx) + ts.kx);
           gd[2 * sg.dg] += m * (sum_lanes(vs.dy) + ts.dy);

@@ -92,6 +92,17 @@ struct LaneRun {
         data(g.has_doff ? g.DG * g.K : 0), pixel(g.has_doff ? 0 : g.K * R),
         mask(g.has_mask ? g.DG * g.K * R : 0), scope_corners(!scope.empty()) {}
 
+  // Lane l's data corners of tap t, data group dg (the rigid pixel as one
+  // corner without data offsets), and its mask.
+  BilinearCorners<T> tap_corners(const Geometry& g, int64_t dg, int64_t t, int64_t l) const {
+    if (g.has_doff) return data[dg * g.K + t].corners(l);
+    const int64_t px = pixel[t * R + l];
+    return px >= 0 ? pixel_corner<T>(px / g.W, px % g.W, g.H, g.W) : pixel_corner<T>(-1, 0, g.H, g.W);
+  }
+  T tap_mask(const Geometry& g, int64_t dg, int64_t t, int64_t l) const {
+    return g.has_mask ? mask[(dg * g.K + t) * R + l] : T(1);
+  }
+
   // Positions (n, y, x + l), l < run.
   void sample(const Ctx<T>& c, int64_t n, int64_t y, int64_t x, int64_t run) {
     using V = typename RegisterVector<T>::type;
