@@ -33,6 +33,7 @@
 #include "deform_cpu_kernels.h"
 #include "dense_rows_cpu.h"
 #include "lane_backward_cpu.h"
+#include "lane_sampling_cpu.h"  // RunSampler
 #include "layout_cpu.h"
 
 namespace erftool {
@@ -460,7 +461,8 @@ void depthwise_forward_images(const Geometry& g, const Tensors<T>& t, const at::
     T* xb = xbuf.data_ptr<T>() + tid * image;
     T* ob = obuf.data_ptr<T>() + tid * rows;
     band_rows_into(x, g.C, g.H, g.W, RowBand{n, 1, 0, g.H}, xb);
-    depthwise_rows<T>(image_ctx(g, segs, t, n, xb), int64_t(0), g.Ho * g.Wo, ob);
+    const Ctx<T> c = image_ctx(g, segs, t, n, xb);
+    depthwise_rows<T>(c, int64_t(0), g.Ho * g.Wo, ob, RunSampler<T>(c));
     rows_into_band(ob, g.O, g.Ho, g.Wo, RowBand{n, 1, 0, g.Ho}, o);
   });
 }
@@ -486,7 +488,7 @@ void forward_impl(const Geometry& g, const Tensors<T>& t, const at::Tensor& w,
     const Ctx<T> c = make_ctx(g, segs, t, ch);
     parallel_blocks(ch.positions(g), grain, [&](int64_t b, int64_t e) {
       if (g.depthwise)
-        depthwise_rows<T>(c, b, e, bp);
+        depthwise_rows<T>(c, b, e, bp, RunSampler<T>(c));
       else
         build_columns<T>(how, c, b, e, bp);
     });
@@ -818,8 +820,9 @@ at::Tensor depthwise_backward_images(const Geometry& g, const Tensors<T>& t,
       std::fill(ib, ib + image, T(0));
       po.gin = ib, po.gin_n0 = n;
     }
-    depthwise_backward_rows<T>(image_ctx(g, segs, t, n, xb), static_cast<const T*>(gb), po,
-                                   int64_t(0), g.Ho * g.Wo);
+    const Ctx<T> c = image_ctx(g, segs, t, n, xb);
+    depthwise_backward_rows<T>(c, static_cast<const T*>(gb), po, int64_t(0), g.Ho * g.Wo,
+                               RunSampler<T>(c));
     if (ib) rows_into_band(ib, g.C, g.H, g.W, RowBand{n, 1, 0, g.H}, gi.data_ptr<T>());
   });
   if (!need.weight) return at::Tensor();
@@ -855,7 +858,7 @@ at::Tensor backward_depthwise(const Geometry& g, const Tensors<T>& t, const at::
     auto pass = [&](int64_t b, int64_t e, int64_t block) {
       DepthwiseOutputs<T> mine = po;
       if (need.weight) mine.wacc = parts.template data_ptr<T>() + block * g.S2 * g.C;
-      depthwise_backward_rows<T>(c, go, mine, b, e);
+      depthwise_backward_rows<T>(c, go, mine, b, e, RunSampler<T>(c));
     };
     if (need.weight || need.offsets() || po.gin) row_block_phases(g, ch, kDepthwiseRowBlocks, pass);
     if (gin && !fused_input)

@@ -410,20 +410,24 @@ ERFTOOL_ALWAYS_INLINE void fused_bilinear_product(int64_t n, const CornerRows<T>
 }
 
 // Depthwise forward, no column rows: out[p, c] = sum_taps value * sampled weight.
-template <typename T>
-ERFTOOL_ALWAYS_INLINE void depthwise_rows(const Ctx<T>& c, int64_t p0, int64_t p1, T* out) {
+// Sampler: at(n, y, x), then tap(a, b, s) fills s as sample_tap does
+// (RunSampler, lane_sampling_cpu.h).
+template <typename T, typename Sampler>
+ERFTOOL_ALWAYS_INLINE void depthwise_rows(const Ctx<T>& c, int64_t p0, int64_t p1, T* out,
+                                          Sampler&& sampler) {
   const Geometry& g = *c.g;
   Scratch<T> s(g);
   const std::vector<T> zeros(g.C, T(0));
   for (int64_t p = p0; p < p1; ++p) {
     int64_t n, y, x;
     decode(c, p, &n, &y, &x);
+    sampler.at(n, y, x);
     T* o = out + p * g.C;
     std::fill(o, o + g.C, T(0));
     const T* img = c.image(n);
     for (int64_t a = 0; a < g.Kh; ++a)
       for (int64_t b = 0; b < g.Kw; ++b) {
-        sample_tap(c, n, y, x, a, b, s);
+        sampler.tap(a, b, s);
         for (int64_t i = 0; i < c.nsegs; ++i) {
           const Segment& sg = c.segs[i];
           const int64_t len = sg.c1 - sg.c0;
@@ -749,10 +753,10 @@ ERFTOOL_ALWAYS_INLINE void depthwise_tap_wants(bool weight, bool input, int64_t 
 // chunk's grad_out as (positions, C). With out.gin the caller must keep
 // concurrent passes off each other's input pixels (row-block phases on a
 // rigid grid, or one image per task).
-template <typename T>
+template <typename T, typename Sampler>
 ERFTOOL_ALWAYS_INLINE void depthwise_backward_rows(const Ctx<T>& c, const T* gout,
                                                    const DepthwiseOutputs<T>& out, int64_t p0,
-                                                   int64_t p1) {
+                                                   int64_t p1, Sampler&& sampler) {
   const Geometry& g = *c.g;
   Scratch<T> s(g);
   const int64_t C = g.C;
@@ -764,13 +768,14 @@ ERFTOOL_ALWAYS_INLINE void depthwise_backward_rows(const Ctx<T>& c, const T* gou
   for (int64_t p = p0; p < p1; ++p) {
     int64_t n, y, x;
     decode(c, p, &n, &y, &x);
+    sampler.at(n, y, x);
     const int64_t q = y * g.Wo + x;
     const T* img = c.image(n);
     T* gimg = input ? out.gin + (n - out.gin_n0) * g.H * g.W * C : nullptr;
     const T* go = gout + p * C;
     for (int64_t a = 0; a < g.Kh; ++a)
       for (int64_t b = 0; b < g.Kw; ++b) {
-        sample_tap(c, n, y, x, a, b, s);
+        sampler.tap(a, b, s);
         for (int64_t si = 0; si < c.nsegs; ++si) {
           const Segment& sg = c.segs[si];
           const PackedCorners<T> k =

@@ -141,5 +141,49 @@ struct LaneRun {
   }
 };
 
+// sample_tap's corners for a per-position kernel (the depthwise passes),
+// taken from runs of positions sampled lane-parallel: at(n, y, x) moves to a
+// position (sampling the run from there to at most R positions along its
+// row when it leaves the current one); tap(a, b, s) then fills s as
+// sample_tap(c, n, y, x, a, b, s) does, with the same corners.
+template <typename T>
+struct RunSampler {
+  static constexpr int R = RegisterVector<T>::kLanes;
+  const Ctx<T>& c;
+  LaneRun<T> run;
+  std::vector<BilinearCorners<T>> centred;  // (K): the taps' corners without kernel offsets
+  int64_t n = -1, y = -1, x0 = 0, len = 0, lane = 0;
+
+  explicit RunSampler(const Ctx<T>& ctx) : c(ctx), run(*ctx.g, true) {
+    const Geometry& g = *c.g;
+    if (g.has_koff) return;
+    for (int64_t a = 0; a < g.Kh; ++a)
+      for (int64_t b = 0; b < g.Kw; ++b)
+        centred.push_back(math::bilinear_corners<T>(math::scope_coordinate<T>(a, g.Kh, g.Sh, T(0)),
+                                                    math::scope_coordinate<T>(b, g.Kw, g.Sw, T(0)),
+                                                    g.Sh, g.Sw));
+  }
+
+  ERFTOOL_ALWAYS_INLINE void at(int64_t n_, int64_t y_, int64_t x_) {
+    if (n_ != n || y_ != y || x_ < x0 || x_ >= x0 + len) {
+      n = n_, y = y_, x0 = x_;
+      len = std::min<int64_t>(R, c.g->Wo - x_);
+      run.sample(c, n, y, x0, len);
+    }
+    lane = x_ - x0;
+  }
+
+  ERFTOOL_ALWAYS_INLINE void tap(int64_t a, int64_t b, Scratch<T>& s) const {
+    const Geometry& g = *c.g;
+    const int64_t t = a * g.Kw + b;
+    for (int64_t kg = 0; kg < g.G; ++kg)
+      s.kc[kg] = g.has_koff ? run.scope[kg * g.K + t].corners(lane) : centred[t];
+    for (int64_t dg = 0; dg < g.DG; ++dg) {
+      s.dc[dg] = run.tap_corners(g, dg, t, lane);
+      s.m[dg] = run.tap_mask(g, dg, t, lane);
+    }
+  }
+};
+
 }  // namespace cpu
 }  // namespace erftool
