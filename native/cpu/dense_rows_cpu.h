@@ -7,10 +7,11 @@
 // computed lane-parallel from the contiguous offsets; then, per position and
 // vector of channels, the S2 cell sums stay in registers while each tap adds
 // its values times its dense weights, and every cell is stored once.
-// A 56x56x64 image with a 4x4 scope, one thread: 240 against 460 ns per
+// A 56x56x64 image with a 4x4 scope, one thread: 250 against 460 ns per
 // position (about half of that was sampling the taps one by one); 3x3 scope
-// 160 against 440 ns. Four times the multiply-adds of the scatter, but no
-// per-tap loads and stores of the row and no branches.
+// 180 against 430 ns; AVX2 code on the same host 360 against 460 ns. Four
+// times the multiply-adds of the scatter, but no per-tap loads and stores of
+// the row and no branches.
 //
 // Same arithmetic as build_rows: the weights are math::axis_sample /
 // axis_weights lane by lane (their products the corner weights of
