@@ -15,9 +15,10 @@
 //   data offset (row)    += m (sum_j dw_j/drow X_j) . g   (and the column)
 //   mask                 += x . g
 // and two to five horizontal sums per tap and group at the end. These are
-// backward_rows' sums regrouped: the same values up to rounding.
-// backward_rows still serves what this pass does not build: the column rows
-// where the backward does not build them apart.
+// backward_rows' sums regrouped: the same values up to rounding. It builds
+// no column rows (the backward builds them apart, by runs too);
+// backward_rows still serves kernel offsets with scopes over 16 cells,
+// building their rows from its own samples.
 #pragma once
 
 #include <algorithm>

@@ -2,7 +2,8 @@
 // (one position per vector lane): the scope corners of every tap's kernel
 // offsets, the data corners of its data offsets (or its rigid pixel) and its
 // mask, read from the offsets' contiguous rows. The CPU kernels that take a
-// run at a time (dense_rows_cpu.h, lane_backward_cpu.h) sample here.
+// run at a time (dense_rows_cpu.h, lane_backward_cpu.h) sample here, and so
+// do the depthwise passes, position by position (RunSampler).
 #pragma once
 
 #include <cstdint>
@@ -34,16 +35,16 @@ ERFTOOL_ALWAYS_INLINE typename RegisterVector<T>::type plane_lanes(const T* plan
 template <typename T>
 struct LaneCorners {
   static constexpr int R = RegisterVector<T>::kLanes;
-  using Index = typename RegisterVector<T>::int_lane;
+  using Lane = typename RegisterVector<T>::int_lane;
   T weight[4 * R], d_dy[4 * R], d_dx[4 * R];
-  Index index[4 * R];
-  Index present[4 * R];  // -1 / 0
+  int64_t index[4 * R];  // y * W + x in 64 bits, whatever T's width
+  Lane present[4 * R];   // -1 / 0
 
   ERFTOOL_ALWAYS_INLINE void sample(typename RegisterVector<T>::type y,
                                     typename RegisterVector<T>::type x, int64_t H, int64_t W) {
     using V = typename RegisterVector<T>::type;
     using I = typename RegisterVector<T>::int_type;
-    const Index h = static_cast<Index>(H), w_ = static_cast<Index>(W);
+    const Lane h = static_cast<Lane>(H), w_ = static_cast<Lane>(W);
     const I inside = (y > T(-1)) & (y < T(H)) & (x > T(-1)) & (x < T(W));  // NaN fails
     const V uy = inside ? y : V{}, ux = inside ? x : V{};
     const V y0 = floor_lanes<V, I>(uy), x0 = floor_lanes<V, I>(ux);
@@ -59,8 +60,9 @@ struct LaneCorners {
       store_vector(weight + i * R, on ? w[i] : V{});
       store_vector(d_dy + i * R, on ? wy[i] : V{});
       store_vector(d_dx + i * R, on ? wx[i] : V{});
-      store_vector(index + i * R, on ? ys[i] * w_ + xs[i] : I{});
       store_vector(present + i * R, on);
+      for (int l = 0; l < R; ++l)
+        index[i * R + l] = on[l] ? static_cast<int64_t>(ys[i][l]) * W + xs[i][l] : 0;
     }
   }
 
@@ -97,7 +99,7 @@ struct LaneRun {
   BilinearCorners<T> tap_corners(const Geometry& g, int64_t dg, int64_t t, int64_t l) const {
     if (g.has_doff) return data[dg * g.K + t].corners(l);
     const int64_t px = pixel[t * R + l];
-    return px >= 0 ? pixel_corner<T>(px / g.W, px % g.W, g.H, g.W) : pixel_corner<T>(-1, 0, g.H, g.W);
+    return pixel_corner<T>(px >= 0 ? px / g.W : -1, px >= 0 ? px % g.W : 0, g.H, g.W);  // -1: none
   }
   T tap_mask(const Geometry& g, int64_t dg, int64_t t, int64_t l) const {
     return g.has_mask ? mask[(dg * g.K + t) * R + l] : T(1);
