@@ -401,8 +401,8 @@ def test_band_pipeline_and_chunk_loop_agree_by_default_on_a_large_map(monkeypatc
 # vectors of channels (16 floats / 8 doubles with AVX-512) plus a channel-by-
 # channel tail. Same arithmetic, so the same bits as the scatter, which
 # ERFTOOL_CPU_COLUMN_BUILD=scatter forces. Without kernel offsets (DC) each
-# tap's values go straight into its cell. The same layouts take the
-# backward's pass by runs of positions (lane_backward_cpu.h).
+# tap's values go straight into its cell. Every non-depthwise layout takes
+# the backward's pass by runs of positions (lane_backward_cpu.h).
 DENSE_CASES = {
     "scope4_wide": config(C=40, O=12, H=9, W=11),
     "scope3_groups_offset_groups": config(C=48, O=10, groups=2, G=3, S=(3, 3)),

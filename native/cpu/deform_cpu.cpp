@@ -7,10 +7,9 @@
 // one grouped 1x1 convolution (oneDNN) or GEMM against the weight. The
 // backward gets G = grad_out W by GEMM, then one fused pass per chunk that
 // derives the offset and mask gradients from G and, on a rigid data grid,
-// scatters the input gradient in race-free row-block phases: by runs of
-// positions (lane_backward_cpu.h; not on depthwise layers or scopes over 16
-// cells), T rebuilt just before it for the weight GEMM; otherwise
-// backward_rows, which rebuilds T itself. On large maps with a rigid data
+// scatters the input gradient in race-free row-block phases, by runs of
+// positions (lane_backward_cpu.h), with T rebuilt just before it for the
+// weight GEMM. On large maps with a rigid data
 // grid the backward runs as a band pipeline instead: each thread takes whole
 // bands of output rows through both GEMMs and the fused pass while they are
 // in cache.
@@ -560,21 +559,6 @@ struct Grads {
   }
 };
 
-// The fused pass over positions [p0, p1): by runs of positions
-// (lane_backward_cpu.h) where it applies, else backward_rows. The former
-// builds no column rows: the backward builds them apart there
-// (build_columns).
-template <typename T>
-void fused_pass(const Ctx<T>& c, const DenseGrad<T>& gr, const PassOutputs<T>& po, int64_t p0,
-                int64_t p1) {
-  if (lane_backward_applies(*c.g))
-    lane_backward_rows<T>(c, gr, po, p0, p1);
-  else
-    backward_rows<T>(c, gr, po, p0, p1);
-}
-
-bool columns_apart(const Geometry& g) { return lane_backward_applies(g); }
-
 // Row blocks below which a chunk's input gradient is gathered in a pass of
 // its own instead of scattered in the fused pass (too few blocks per phase
 // to keep the threads busy). A constant, so results do not depend on the
@@ -604,24 +588,23 @@ void input_grad_pass(const Geometry& g, const Ctx<T>& c, const Grad& gr, T* gin)
   }
 }
 
-// One chunk's backward after the column gradient: the fused pass
-// (backward_rows) in row-block phases, writing the input gradient itself on a
-// rigid grid when the chunk has enough row blocks, else a separate input pass.
+// One chunk's backward after the column gradient, in row-block phases: the
+// column rows for the weight GEMM (col, null: not wanted) and the fused pass
+// (lane_backward_cpu.h), writing the input gradient itself on a rigid grid
+// when the chunk has enough row blocks, else a separate input pass.
 template <typename T>
 void backward_chunk(const Geometry& g, const Ctx<T>& c, const Chunk& ch, const DenseGrad<T>& gr,
-                    const Needs& need, PassOutputs<T> po, Grads<T>& out) {
+                    const Needs& need, T* col, Grads<T>& out) {
   T* gin = need.input ? out.input_cl.template data_ptr<T>() : nullptr;
   const bool fused_input = gin && !g.has_doff && row_blocks(g, ch, ch.rows) >= kMinScatterBlocks;
+  PassOutputs<T> po;
   po.offsets = out.ptrs();
   po.gin = fused_input ? gin : nullptr;
-  T* const col = po.col;
-  const bool apart = col && columns_apart(g);
   const ColumnBuild how = column_build(g);
-  if (apart) po.col = nullptr;
   if (col || need.offsets() || po.gin)
     row_block_phases(g, ch, ch.rows, [&](int64_t b, int64_t e, int64_t) {
-      if (apart) build_columns<T>(how, c, b, e, col);
-      if (po.col || need.offsets() || po.gin) fused_pass<T>(c, gr, po, b, e);
+      if (col) build_columns<T>(how, c, b, e, col);
+      if (need.offsets() || po.gin) lane_backward_rows<T>(c, gr, po, b, e);
     });
   if (gin && !fused_input) input_grad_pass(g, c, gr, gin);
 }
@@ -702,7 +685,6 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
   T* gin = need.input ? out.input_cl.template data_ptr<T>() : nullptr;
   const T* go = grad_out.template data_ptr<T>();
   const std::vector<T> zeros(g.Cg, T(0));
-  const bool apart = need.weight && columns_apart(g);
   const ColumnBuild how = column_build(g);
 
   auto run_band = [&](const Chunk& ch, int64_t tid, int64_t slot) {
@@ -716,13 +698,11 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
     if (need.any_g()) gemm_column_grad(gout, wp, g.groups, gbuf[tid].narrow(0, 0, P * L).view({P, L}));
     const DenseGrad<T> gr{need.any_g() ? gbuf[tid].template data_ptr<T>() : nullptr, L,
                           g.sstride(), zeros.data()};
+    if (need.weight) build_columns<T>(how, c, int64_t(0), P, col[tid].template data_ptr<T>());
     PassOutputs<T> po;
     po.offsets = out.ptrs();
-    T* const band_col = need.weight ? col[tid].template data_ptr<T>() : nullptr;
-    if (apart) build_columns<T>(how, c, int64_t(0), P, band_col);
-    po.col = apart ? nullptr : band_col;
     po.gin = gin;  // bands of one image run in order on one thread (data offsets)
-    if (po.col || need.offsets() || gin) fused_pass<T>(c, gr, po, int64_t(0), P);
+    if (need.offsets() || gin) lane_backward_rows<T>(c, gr, po, int64_t(0), P);
     if (need.weight) {
       at::Tensor acc_slot = acc[slot];
       gemm_weight_grad_add(gout, col[tid].narrow(0, 0, P * L).view({1, ch.rows, g.Wo, L}),
@@ -774,14 +754,10 @@ at::Tensor backward_general(const Geometry& g, const Tensors<T>& t, const at::Te
     const int64_t P = ch.positions(g);
     const at::Tensor colv = col.narrow(0, 0, P).view({ch.nc, ch.rows, g.Wo, L});
     const at::Tensor gout = band_to_channels_last(grad_out, ch);
-    // G = W^T grad_out first: it does not need the columns, so the column
-    // rebuild shares one pass with the offset gradients.
     if (need.any_g()) gemm_column_grad(gout, wp, g.groups, gbuf.narrow(0, 0, P));
     const DenseGrad<T> gr{need.any_g() ? gbuf.data_ptr<T>() : nullptr, L, g.sstride(),
                           zeros.data()};
-    PassOutputs<T> po;
-    po.col = need.weight ? col.data_ptr<T>() : nullptr;
-    backward_chunk(g, c, ch, gr, need, po, out);
+    backward_chunk(g, c, ch, gr, need, need.weight ? col.data_ptr<T>() : nullptr, out);
     if (need.weight) gemm_weight_grad_add(gout, colv, gwp, g.groups);
   }
   return need.weight ? scope_major_to_weight(gwp) : at::Tensor();

@@ -91,14 +91,6 @@ ERFTOOL_ALWAYS_INLINE void axpy(int64_t n, T a, const T* __restrict x, T* __rest
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-template <typename T>
-ERFTOOL_ALWAYS_INLINE T dot(int64_t n, const T* __restrict a, const T* __restrict b) {
-  T s = T(0);
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // ---------------------------------------------------------------- tap sampling
 
 // Everything the kernels read, for one chunk of (images x output rows).
@@ -462,11 +454,6 @@ struct DenseGrad {
   const T* g;
   int64_t row_len, ss;
   const T* zeros;  // >= Cg zeros, stands in for absent corners
-  // sum_c x[c] * G[p][s][c] over the segment channels [cs, cs + len)
-  ERFTOOL_ALWAYS_INLINE T dot_cell(int64_t p, const Segment& sg, int64_t cs, int64_t len,
-                                   int64_t s, const T* x) const {
-    return dot(len, x, g + p * row_len + sg.colbase + (cs - sg.c0) + s * ss);
-  }
   // dst[c] += scale * sum_j w_j G[p][s_j][c]: the gradient of the tap value,
   // one pass over dst for all four corners.
   ERFTOOL_ALWAYS_INLINE void tap_grad(int64_t p, const Segment& sg, int64_t cs, int64_t len,
@@ -499,11 +486,11 @@ struct OffsetGrads {
   T* mask;  // (N, DG*K, Ho, Wo)
 };
 
-// Everything the fused backward pass writes (null = not wanted).
+// Everything the fused backward pass (lane_backward_cpu.h) writes (null =
+// not wanted).
 template <typename T>
 struct PassOutputs {
   OffsetGrads<T> offsets;
-  T* col = nullptr;   // column rows of the chunk, rebuilt for the weight GEMM
   T* gin = nullptr;  // (N, H, W, C) input gradient
 };
 
@@ -548,85 +535,6 @@ ERFTOOL_ALWAYS_INLINE void scatter_tap_grad(const Grad& gr, int64_t p, const Seg
   gr.tap_grad(p, sg, cs, len, s.kc[sg.kg], s.m[sg.dg], v);
   for (int j = 0; j < 4; ++j)
     if (d.index[j] >= 0 && d.weight[j] != T(0)) axpy(len, d.weight[j], v, gimg + d.index[j] * C + cs);
-}
-
-// The fused backward pass over positions [p0, p1), sharing one set of tap
-// corners and input reads between:
-//  * kernel-offset, data-offset and mask gradients, each a reduction over its
-//    group's channels (no atomics), built from f_ij = sum_c X_j[c] G[s_i][c]
-//    for scope corner i and data corner j;
-//  * the column rows for the weight GEMM (po.col);
-//  * the input gradient (po.gin), each tap's gradient scattered into its pixel
-//    (rigid data grid) or its <= 4 corner pixels (data offsets), so that a
-//    position's column-gradient row is read once, from cache, for everything.
-//    Concurrent passes with gin must not touch the same input pixel:
-//    row-block phases (row_block_phases) on a rigid grid, whole images with
-//    data offsets.
-template <typename T, typename Grad>
-ERFTOOL_ALWAYS_INLINE void backward_rows(const Ctx<T>& c, const Grad& gr,
-                                         const PassOutputs<T>& po, int64_t p0, int64_t p1) {
-  const Geometry& g = *c.g;
-  Scratch<T> s(g);
-  const int64_t len_row = g.row_len();
-  const OffsetGrads<T>& out = po.offsets;
-  T* const col = po.col;
-  T* const gin = po.gin;
-  const bool grads = out.koff || out.doff || out.mask;
-  std::vector<T> gk(2 * g.G), gd(2 * g.DG), gm(g.DG);
-  RowWriter<T> rw(g, c.segs, c.nsegs);
-  for (int64_t p = p0; p < p1; ++p) {
-    int64_t n, y, x;
-    decode(c, p, &n, &y, &x);
-    const int64_t q = y * g.Wo + x;
-    const T* img = c.image(n);
-    if (col) rw.begin(col + p * len_row);
-    for (int64_t a = 0; a < g.Kh; ++a)
-      for (int64_t b = 0; b < g.Kw; ++b) {
-        const int64_t t = a * g.Kw + b;
-        sample_tap(c, n, y, x, a, b, s);
-        if (col)
-          for (int64_t si = 0; si < c.nsegs; ++si) scatter_tap(s, si, img, g.C, rw);
-        if (gin)
-          for (int64_t si = 0; si < c.nsegs; ++si) {
-            const Segment& sg = c.segs[si];
-            if (c.doff) {
-              scatter_tap_grad(gr, p, sg, sg.c0, sg.c1 - sg.c0, g.C, s, gin + n * g.H * g.W * g.C);
-              continue;
-            }
-            const int64_t pixel = s.dc[sg.dg].index[0];
-            if (pixel < 0) continue;
-            gr.tap_grad(p, sg, sg.c0, sg.c1 - sg.c0, s.kc[sg.kg], s.m[sg.dg],
-                        gin + (n * g.H * g.W + pixel) * g.C + sg.c0);
-          }
-        if (!grads) continue;
-        for (int64_t si = 0; si < c.nsegs; ++si) {
-          const Segment& sg = c.segs[si];
-          const int64_t len = sg.c1 - sg.c0;
-          const BilinearCorners<T>& k = s.kc[sg.kg];
-          const BilinearCorners<T>& d = s.dc[sg.dg];
-          const T m = s.m[sg.dg];
-          for (int i = 0; i < 4; ++i) {
-            // A zero-weight corner still has a slope in the kernel offset.
-            if (k.index[i] < 0 || (k.weight[i] == T(0) && !out.koff)) continue;
-            T e = T(0), hy = T(0), hx = T(0);
-            for (int j = 0; j < 4; ++j) {
-              if (d.index[j] < 0) continue;
-              const T f = gr.dot_cell(p, sg, sg.c0, len, k.index[i], img + d.index[j] * g.C + sg.c0);
-              e += d.weight[j] * f;
-              hy += d.d_dy[j] * f;
-              hx += d.d_dx[j] * f;
-            }
-            gk[2 * sg.kg] += m * k.d_dy[i] * e;
-            gk[2 * sg.kg + 1] += m * k.d_dx[i] * e;
-            gm[sg.dg] += k.weight[i] * e;
-            gd[2 * sg.dg] += m * k.weight[i] * hy;
-            gd[2 * sg.dg + 1] += m * k.weight[i] * hx;
-          }
-        }
-        flush_offset_grads(g, out, n, t, q, gk, gd, gm);
-      }
-    if (col) rw.finish();
-  }
 }
 
 // ---------------------------------------------------------------- depthwise backward
