@@ -153,10 +153,7 @@ void build_rows_dense_ns(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
   constexpr int R = DenseRun<T, NS>::R;
   const Geometry& g = *c.g;
   DenseRun<T, NS> r(g);
-  for (int64_t p = p0; p < p1;) {
-    int64_t n, y, x;
-    decode(c, p, &n, &y, &x);
-    const int64_t run = std::min<int64_t>({R, p1 - p, g.Wo - x});
+  for_each_run(c, p0, p1, [&](int64_t p, int64_t n, int64_t y, int64_t x, int64_t run) {
     sample_run(c, n, y, x, run, r);
     for (int64_t l = 0; l < run; ++l) {
       lane_taps(c, n, l, r);
@@ -173,8 +170,7 @@ void build_rows_dense_ns(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
           dense_cells<NS, T>(g.K, w, l, taps, ch, g.S2, dst + (ch - sg.c0), g.sstride());
       }
     }
-    p += run;
-  }
+  });
 }
 
 // Column rows of positions [p0, p1) (dense_rows_apply(g) must hold).
@@ -194,13 +190,9 @@ void build_rows_dense(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
 // same values build_rows writes (tap_values; zero where it reads nothing).
 template <typename T>
 void build_rows_tap_cells(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
-  constexpr int R = RegisterVector<T>::kLanes;
   const Geometry& g = *c.g;
   LaneRun<T> lanes(g, false);
-  for (int64_t p = p0; p < p1;) {
-    int64_t n, y, x;
-    decode(c, p, &n, &y, &x);
-    const int64_t run = std::min<int64_t>({R, p1 - p, g.Wo - x});
+  for_each_run(c, p0, p1, [&](int64_t p, int64_t n, int64_t y, int64_t x, int64_t run) {
     lanes.sample(c, n, y, x, run);
     const T* img = c.image(n);
     for (int64_t l = 0; l < run; ++l) {
@@ -218,8 +210,7 @@ void build_rows_tap_cells(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
             std::copy(v, v + len, dst);
         }
     }
-    p += run;
-  }
+  });
 }
 
 }  // namespace cpu

@@ -110,10 +110,7 @@ void lane_backward_rows(const Ctx<T>& c, const DenseGrad<T>& gr, const PassOutpu
   const int64_t ss = g.sstride();
   LaneRun<T> run_data(g, true);
   std::vector<T> gk(2 * g.G), gd(2 * g.DG), gm(g.DG);
-  for (int64_t p = p0; p < p1;) {
-    int64_t n, y, x;
-    decode(c, p, &n, &y, &x);
-    const int64_t run = std::min<int64_t>({R, p1 - p, g.Wo - x});
+  for_each_run(c, p0, p1, [&](int64_t p, int64_t n, int64_t y, int64_t x, int64_t run) {
     run_data.sample(c, n, y, x, run);
     const T* img = c.image(n);
     T* gimg = po.gin ? po.gin + n * g.H * g.W * g.C : nullptr;
@@ -122,7 +119,7 @@ void lane_backward_rows(const Ctx<T>& c, const DenseGrad<T>& gr, const PassOutpu
       for (int64_t t = 0; t < g.K; ++t) {
         for (int64_t si = 0; si < c.nsegs; ++si) {
           const Segment& sg = c.segs[si];
-          const T m = g.has_mask ? run_data.mask[(sg.dg * g.K + t) * R + l] : T(1);
+          const T m = run_data.tap_mask(g, sg.dg, t, l);
           TapRefs<T> r;
           r.gins = 0;
           if (g.has_doff) {
@@ -187,8 +184,7 @@ void lane_backward_rows(const Ctx<T>& c, const DenseGrad<T>& gr, const PassOutpu
         flush_offset_grads(g, out, n, t, y * g.Wo + x + l, gk, gd, gm);
       }
     }
-    p += run;
-  }
+  });
 }
 
 }  // namespace cpu

@@ -6,6 +6,7 @@
 // do the depthwise passes, position by position (RunSampler).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -27,6 +28,19 @@ ERFTOOL_ALWAYS_INLINE typename RegisterVector<T>::type plane_lanes(const T* plan
   V v{};
   for (int64_t l = 0; l < run; ++l) v[l] = p[l];
   return v;
+}
+
+// f(p, n, y, x, run) for the runs of positions [p0, p1) splits into: at
+// most R (one vector's lanes) positions along one output row each.
+template <typename T, typename F>
+ERFTOOL_ALWAYS_INLINE void for_each_run(const Ctx<T>& c, int64_t p0, int64_t p1, const F& f) {
+  for (int64_t p = p0; p < p1;) {
+    int64_t n, y, x;
+    decode(c, p, &n, &y, &x);
+    const int64_t run = std::min<int64_t>({RegisterVector<T>::kLanes, p1 - p, c.g->Wo - x});
+    f(p, n, y, x, run);
+    p += run;
+  }
 }
 
 // The four corners of R samples on an H x W grid, corner-major, lane last:
