@@ -393,7 +393,7 @@ ColumnBuild column_build(const Geometry& g) {
   const char* env = std::getenv("ERFTOOL_CPU_COLUMN_BUILD");
   if (env && std::strcmp(env, "scatter") == 0) return ColumnBuild::kScatter;
   if (dense_rows_apply(g)) return ColumnBuild::kDense;
-  return g.has_koff || g.depthwise ? ColumnBuild::kScatter : ColumnBuild::kTapCells;
+  return g.has_koff ? ColumnBuild::kScatter : ColumnBuild::kTapCells;  // (depthwise: no rows)
 }
 
 template <typename T>
