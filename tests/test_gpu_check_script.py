@@ -67,3 +67,19 @@ def test_gpu_check_runs_every_step_within_eight_files(tmp_path, stand_in):
     pair = log.index("=== diagnostic: global_kernels pair")
     assert "chunk=32" in log[small:pair] and "--dtypes float32" in log[small:pair]
     assert "stand-in kernel pair: benchmarks/bench_global_kernels.py --device cuda" in log[pair:]
+
+
+def test_gpu_check_skips_what_its_budget_cannot_hold(tmp_path, stand_in):
+    """With no budget left after the build, the tests and benchmarks are
+    skipped and say so, and an untested build is not a pass."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(stand_in), "OUT": str(out), "BUDGET": "0",
+           "ERFTOOL_BUILD_DIR": str(tmp_path / "build")}
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    summary = (out / "summary.txt").read_text()
+    for line in ("PASS: native extension built", "SKIPPED: tests/test_ops_cuda.py",
+                 "SKIPPED: benchmarks/bench_gpu.py", "status: FAIL"):
+        assert line in summary, summary
+    assert not (out / "tests.log").exists() and not (out / "bench_gpu.md").exists()
