@@ -352,6 +352,42 @@ def test_public_ops_cuda_match_cpu(dtype):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_public_ops_under_autocast_run_in_the_autocast_dtype(dtype):
+    """Mixed arguments (float32 input and weight, low-precision offsets from a
+    generator layer) inside torch.autocast("cuda"): the ops run in the
+    autocast dtype, exactly as on arguments cast by hand, and the gradients
+    come back in each argument's own dtype."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 4, 9, 9, generator=gen).cuda()
+    w = torch.randn(6, 4, 4, 4, generator=gen).cuda()
+    w3 = torch.randn(6, 4, 3, 3, generator=gen).cuda()
+    local = (0.5 * torch.randn(2, 18, 9, 9, generator=gen)).cuda().to(dtype)
+    glob = (0.5 * torch.randn(2, 18, generator=gen)).cuda().to(dtype)
+    mask = torch.rand(2, 9, 9, 9, generator=gen).cuda().to(dtype)
+    calls = {
+        "local": (lambda a, b, c: ops.deform_kernel2d(a, b, c, kernel_size=3, padding=1),
+                  (x, w, local)),
+        "global": (lambda a, b, c: ops.deform_kernel2d(a, b, c, kernel_size=3, padding=1),
+                   (x, w, glob)),
+        "dcn_v2": (lambda a, b, c, m: ops.deform_conv2d(a, b, c, padding=1, mask=m),
+                   (x, local, w3, mask)),
+    }
+    for name, (call, args) in calls.items():
+        leaves = [t.detach().clone().requires_grad_() for t in args]
+        with torch.autocast("cuda", dtype=dtype):
+            out = call(*leaves)
+        assert out.dtype == dtype, name
+        out.float().sum().backward()
+        want = call(*[t.to(dtype) for t in args])
+        torch.testing.assert_close(out.detach(), want, rtol=0, atol=0,
+                                   msg=lambda m: f"{name}: {m}")
+        for leaf in leaves:
+            assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, name
+            assert torch.isfinite(leaf.grad).all(), name
+
+
+@requires_cuda
 @pytest.mark.parametrize("layout", ["one_product", "tap_sums"])
 @pytest.mark.parametrize("groups, offset_groups", [(1, 1), (2, 4)])
 def test_global_dk_runs_the_gemm_form_on_cuda(monkeypatch, layout, groups, offset_groups):

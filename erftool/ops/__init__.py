@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _args, _global_kernel, reference
+from . import _args, _autocast, _global_kernel, reference
 from . import _custom_ops  # noqa: F401  registers the erftool:: operators
 from ._backend import BACKENDS, backend_info, requested as requested_backend, use_backend
 from .reference import scope_coefficients
@@ -52,7 +52,12 @@ def deform_kernel2d(
             torchvision's layout: the taps are then read bilinearly at shifted
             locations (DK + DC).
         backend: None/"auto", "native" or "reference".
+
+    Inside torch.autocast the floating-point arguments are cast to one dtype
+    first (the autocast dtype on CUDA, float32 on CPU; see ops/_autocast.py).
     """
+    input, weight, offset, bias, data_offset = _autocast.cast_for(
+        input, (input, weight, offset, bias, data_offset))
     geom, _ = _args.check_deform_kernel2d(
         input, weight, offset, kernel_size, bias, stride, padding, dilation, groups,
         offset_groups, data_offset)
@@ -70,7 +75,11 @@ def deform_conv2d(
 
     input (N, C_in, H, W); offset (N, 2*DG*K_h*K_w, H_out, W_out);
     weight (C_out, C_in/groups, K_h, K_w); mask (N, DG*K_h*K_w, H_out, W_out).
+    Inside torch.autocast the floating-point arguments are cast to one dtype
+    first, as for deform_kernel2d.
     """
+    input, offset, weight, bias, mask = _autocast.cast_for(
+        input, (input, offset, weight, bias, mask))
     geom = _args.check_deform_conv2d(input, offset, weight, bias, stride, padding, dilation,
                                      mask)
     return torch.ops.erftool.deform_conv2d(

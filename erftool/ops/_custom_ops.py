@@ -7,7 +7,8 @@ and their shared backward operator erftool::deform_backward; a global DK
 forward with gradients may go through
 erftool::_global_deform_kernel2d_keeping_kernels instead, which also returns the
 per-image kernels for the backward to take. Each has a fake
-kernel (torch.compile / FakeTensor) and the forward ops carry autograd. The
+kernel (torch.compile / FakeTensor), the forward ops carry autograd and
+cast mixed-precision arguments under torch.autocast (_autocast.py). The
 backward op is not itself differentiable: double backward raises (a
 deliberate choice; ERFs and training need first-order gradients only).
 
@@ -31,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _args, _backend, _global_kernel, _native, reference
+from . import _args, _autocast, _backend, _global_kernel, _native, reference
 
 
 def _geometry(input, weight, kernel_size, stride, padding, dilation, groups, offset_groups,
@@ -384,6 +385,8 @@ _LIB.impl("deform_conv2d", _autograd_kernel(
     torch.ops.erftool.deform_conv2d.default, _DeformConv2dFunction, (0, 1, 2, 3, 4)),
     "Autograd")
 _LIB.impl("deform_backward", _no_double_backward, "Autograd")
+_autocast.register(_LIB, "deform_kernel2d", torch.ops.erftool.deform_kernel2d.default)
+_autocast.register(_LIB, "deform_conv2d", torch.ops.erftool.deform_conv2d.default)
 
 
 def native_module():
