@@ -10,8 +10,10 @@ Checks, on a CUDA device (skipped without one):
   * the column build's paths against each other, the global DK's batched
     products and per-image kernels.
 On any machine with g++ (C++20) and the CUDA headers: the kernels compiled as
-host C++ against the reference (CPU emulation), and the torch glue compiled
-syntax-only against the installed torch's headers.
+host C++ against the reference (CPU emulation; float64, and float16 / bfloat16
+within two roundings of the type), and the torch glue compiled syntax-only
+against the installed torch's headers. Also on a CUDA device: the ops under
+torch.autocast and captured in a CUDA graph.
 
 TF32 is switched off for the whole module (cuBLAS / cuDNN), so that float32
 comparisons measure the kernels rather than reduced-precision GEMMs.
@@ -692,6 +694,41 @@ def test_kernels_under_cpu_emulation(case, column_build, monkeypatch):
         grads = emu.backward(go, x, w, ko, do, m, images_per_chunk)
         for name, got, exp in zip(GRAD_NAMES, grads, expected_grads):
             assert_close_or_none(got, exp, name, rtol=1e-9, atol=1e-9)
+
+
+# Half types: the same kernels instantiated for __half / __nv_bfloat16, with
+# the glue's float32 accumulators (what torch.autocast("cuda") runs).
+EMULATED_HALF = ["local_dk", "dk_groups_strided", "dc_v2", "dk_dc", "depthwise_dk_dc"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in EMULATED_HALF],
+                         ids=lambda c: c.name)
+def test_half_type_kernels_under_cpu_emulation(case, dtype):
+    """Against the float64 reference on the same rounded inputs: relative
+    errors within two roundings of the type (0.6 of one was measured: the
+    float32 sums are exact enough that the result's own rounding dominates),
+    every gradient in the type."""
+    emulate = _emulation()
+    tol = 2 * torch.finfo(dtype).eps
+    low = [None if t is None else t.to(dtype) for t in make_inputs(case, device="cpu")]
+    exact = [None if t is None else t.double() for t in low]
+    gen = torch.Generator().manual_seed(6)
+    go = torch.randn(case.N, case.C_out, *case.out_size, generator=gen).to(dtype)
+    emu = emulate.Emulated(case.kernel, case.stride, case.padding, case.dilation, case.groups,
+                           case.G, case.DG)
+    out = emu.forward(*low)
+    assert out.dtype == dtype
+    assert _rel_err(out.double(), reference_forward(case, *exact)) < tol
+    grads = emu.backward(go, *low)
+    expected = reference_grads(case, go.double(), *exact)
+    for name, got, want in zip(GRAD_NAMES, grads, expected):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.dtype == dtype and torch.isfinite(got).all(), name
+        err = _rel_err(got.double(), want)
+        assert err < tol, f"{name}: relative error {err:.3g}"
 
 
 def test_global_kernels_under_cpu_emulation():

@@ -61,6 +61,11 @@ static DeformShape mk(const long* p) {
   extern "C" int reduce_##S(long nb, long U, long G, long J, long P, const acc_t<T>* part,     \
                             T* out) {                                                          \
     return launch_reduce_segments<T>(nb, U, G, J, P, part, out, nullptr);                      \
+  }                                                                                            \
+  extern "C" int cast_##S(const acc_t<T>* src, T* dst, long n) {                               \
+    return launch_cast<T>(src, dst, n, nullptr);                                               \
   }
 API(double, f64)
 API(float, f32)
+API(__half, f16)
+API(__nv_bfloat16, bf16)

@@ -11,7 +11,9 @@ launch sequence) with CPU tensors, so the kernels' indexing, reductions and
 barriers are checked against erftool.ops.reference without a GPU.
 
 Needs g++ with C++20 and the CUDA headers (cuda_runtime.h, cuda_fp16.h;
-nvcc's include folder), float32 / float64 only. Usage:
+nvcc's include folder). float64, float32, and float16 / bfloat16 with the CUDA
+glue's float32 accumulators (offset-gradient partials, the weight gradient,
+the atomic input gradient with data offsets, then cast_kernel). Usage:
     python native/cuda/emulate/emulate.py          # checks a set of cases, exit 1 on mismatch
 """
 from __future__ import annotations
@@ -142,12 +144,19 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
+_SUFFIXES = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16",
+             torch.bfloat16: "bf16"}
+
+
 def _suffix(dtype: torch.dtype) -> str:
-    if dtype == torch.float64:
-        return "f64"
-    if dtype == torch.float32:
-        return "f32"
-    raise TypeError(f"emulation supports float32 / float64, not {dtype}")
+    if dtype not in _SUFFIXES:
+        raise TypeError(f"emulation supports float64 / float32 / float16 / bfloat16, not {dtype}")
+    return _SUFFIXES[dtype]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """acc_t of deform_kernels.cuh: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Emulated:
@@ -213,7 +222,8 @@ class Emulated:
         P, S2, K = ho * wo, scope[0] * scope[1], self.k[0] * self.k[1]
         R, o = c * S2, w.shape[0]
         Rg, Og = R // self.groups, o // self.groups
-        dt, sfx = x.dtype, _suffix(x.dtype)
+        dt, sfx, acc = x.dtype, _suffix(x.dtype), _acc_dtype(x.dtype)
+        half_type = acc != dt
         nb = images_per_chunk or n
         segments = getattr(self.lib, "segments_" + sfx)
         segments.restype = ctypes.c_long
@@ -221,8 +231,9 @@ class Emulated:
         assert U % (G // math.gcd(G, DG) * DG) == 0 and c % U == 0, U
         nan = float("nan")
         w2 = w.reshape(o, Rg)
-        gin = torch.zeros_like(x) if do is not None else torch.full_like(x, nan)
-        gw = torch.zeros(o, Rg, dtype=dt)
+        # With data offsets the input gradient is an atomics target of acc_t.
+        gin = torch.zeros_like(x, dtype=acc) if do is not None else torch.full_like(x, nan)
+        gw = torch.zeros(o, Rg, dtype=acc)
         gko = None if ko is None else torch.full_like(ko, nan)
         gdo = None if do is None else torch.full_like(do, nan)
         gm = None if m is None else torch.full_like(m, nan)
@@ -239,9 +250,12 @@ class Emulated:
             go_g = go[n0:n0 + cur].transpose(0, 1).reshape(self.groups, Og, cur * P)
             torch.bmm(w2.view(self.groups, Og, Rg).transpose(1, 2), go_g,
                       out=gcols.view(self.groups, Rg, cur * P))
-            gw.view(self.groups, Og, Rg).baddbmm_(
-                go_g, cols.view(self.groups, Rg, cur * P).transpose(1, 2))
-            parts = [torch.full((cur * U * j * P,), nan, dtype=dt) if t is not None else None
+            cols_t = cols.view(self.groups, Rg, cur * P).transpose(1, 2)
+            if half_type:
+                gw.view(self.groups, Og, Rg).add_(torch.bmm(go_g, cols_t))
+            else:
+                gw.view(self.groups, Og, Rg).baddbmm_(go_g, cols_t)
+            parts = [torch.full((cur * U * j * P,), nan, dtype=acc) if t is not None else None
                      for t, j in ((ko, 2 * K), (do, 2 * K), (m, K))]
             gin_chunk = gin[n0:n0 + cur]
             if ko is not None or do is not None or m is not None:
@@ -257,7 +271,11 @@ class Emulated:
                 if part is not None:
                     assert getattr(lib, "reduce_" + sfx)(cur, U, groups, j, P, _ptr(part),
                                                          _ptr(full[n0:n0 + cur])) == 0
-        return gin, gw.view_as(w), gko, gdo, gm
+        if gin.dtype != dt:
+            cast = torch.empty_like(x)
+            assert getattr(lib, "cast_" + sfx)(_ptr(gin), _ptr(cast), ctypes.c_long(gin.numel())) == 0
+            gin = cast
+        return gin, gw.to(dt).view_as(w), gko, gdo, gm
 
 
 def _main() -> int:
