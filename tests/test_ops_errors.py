@@ -28,6 +28,8 @@ def dk(**overrides):
     (dict(input=X.double()), r"weight has dtype torch.float32 but input has torch.float64"),
     (dict(input=X.half()), r"input dtype torch.float16 is not supported on cpu"),
     (dict(input=X[0]), r"input must be 4-D"),
+    (dict(input=X.numpy()), r"input must be a torch.Tensor, got ndarray"),
+    (dict(offset=None), r"offset must be a torch.Tensor, got NoneType"),
     (dict(bias=torch.zeros(3)), r"bias has shape \(3\); expected \(4,\)"),
     (dict(data_offset=torch.zeros(2, 17, 6, 6)), r"data_offset has 17 channels"),
     (dict(data_offset=torch.zeros(2, 18, 5, 6)), r"data_offset has shape \(2, 18, 5, 6\); expected \(2, 18, 6, 6\)"),
@@ -46,6 +48,8 @@ def test_deform_conv2d_errors():
         ops.deform_conv2d(X, torch.zeros(2, 18, 6, 6), w, padding=1, mask=torch.ones(2, 8, 6, 6))
     with pytest.raises(ValueError, match=r"dim 1 \(C_in/groups\) must divide"):
         ops.deform_conv2d(X, torch.zeros(2, 18, 6, 6), torch.randn(4, 3, 3, 3), padding=1)
+    with pytest.raises(ValueError, match=r"input must be a torch.Tensor, got list"):
+        ops.deform_conv2d([1.0], torch.zeros(2, 18, 6, 6), w, padding=1)
 
 
 def test_unknown_backend_is_named():

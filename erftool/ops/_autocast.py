@@ -45,8 +45,11 @@ def cast(args: Sequence, device_type: str, dtype: torch.dtype) -> list:
     ]
 
 
-def cast_for(input: Tensor, args: Sequence) -> list:
-    """args as the op should see them for this input (cast under autocast)."""
+def cast_for(input, args: Sequence) -> list:
+    """args as the op should see them for this input (cast under autocast);
+    unchanged when input is no tensor (the argument checks name it)."""
+    if not isinstance(input, Tensor):
+        return list(args)
     dtype = run_dtype(input.device.type)
     return list(args) if dtype is None else cast(args, input.device.type, dtype)
 
