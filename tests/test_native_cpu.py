@@ -412,6 +412,9 @@ DENSE_CASES = {
     "mask_rigid_grid": config(C=32, O=8, mask=True),
     "dk_dc_mask": config(C=24, O=8, doff=True, mask=True, G=2, DG=2),
     "runs_across_rows": config(N=3, C=16, O=4, H=5, W=23),  # 23 = 16 + 7 lanes
+    # Offset groups of 4 and 8 channels: narrower vectors than a register
+    # (vector_cpu.h, for_channel_vectors), in the rows and the backward's pass.
+    "narrow_offset_groups": config(C=32, O=8, G=8, DG=4, doff=True, mask=True),
     # DC: the scope is the kernel (or centred in it), each tap fills its cell
     "dc_v1": config(C=24, O=8, koff=False, S=(3, 3), doff=True),
     "dc_v2_centred_scope4_groups": config(C=40, O=12, groups=2, DG=2, koff=False, doff=True,

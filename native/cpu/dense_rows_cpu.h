@@ -128,8 +128,9 @@ ERFTOOL_ALWAYS_INLINE void lane_taps(const Ctx<T>& c, int64_t n, int64_t l, Dens
   }
 }
 
-// Cells 0..S2-1 of channels [ch, ch + width of V) of lane l: every tap's
-// values times its weights, summed in registers, stored once.
+// Cells 0..S2-1 of channels [ch, ch + width of V) of lane l (V a vector, or
+// T for one channel): every tap's values times its weights, summed in
+// registers, stored once.
 template <int NS, typename V, typename T>
 ERFTOOL_ALWAYS_INLINE void dense_cells(int64_t K, const T* __restrict weights, int64_t lane,
                                        const T* const* taps, int64_t ch, int64_t S2,
@@ -149,7 +150,6 @@ ERFTOOL_ALWAYS_INLINE void dense_cells(int64_t K, const T* __restrict weights, i
 
 template <typename T, int NS>
 void build_rows_dense_ns(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
-  using V = typename RegisterVector<T>::type;
   constexpr int R = DenseRun<T, NS>::R;
   const Geometry& g = *c.g;
   DenseRun<T, NS> r(g);
@@ -163,11 +163,10 @@ void build_rows_dense_ns(const Ctx<T>& c, int64_t p0, int64_t p1, T* col) {
         const T* w = r.weights.data() + sg.kg * g.K * NS * R;
         const T* const* taps = r.taps.data() + sg.dg * g.K;
         T* dst = row + sg.colbase;
-        int64_t ch = sg.c0;
-        for (; ch + R <= sg.c1; ch += R)
-          dense_cells<NS, V>(g.K, w, l, taps, ch, g.S2, dst + (ch - sg.c0), g.sstride());
-        for (; ch < sg.c1; ++ch)
-          dense_cells<NS, T>(g.K, w, l, taps, ch, g.S2, dst + (ch - sg.c0), g.sstride());
+        for_channel_vectors<T>(sg.c0, sg.c1, [&](int64_t ch, auto width) {
+          using W = typename decltype(width)::type;
+          dense_cells<NS, W>(g.K, w, l, taps, ch, g.S2, dst + (ch - sg.c0), g.sstride());
+        });
       }
     }
   });

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "deform_cpu_kernels.h"
@@ -87,14 +88,24 @@ ERFTOOL_ALWAYS_INLINE void tap_channels(int64_t ch, const TapRefs<T>& r, TapSums
   if (r.mask) s.m += x * grad;
 }
 
-// The channels of one segment: whole vectors, then the tail.
+// The channels of one segment (for_channel_vectors): whole vectors into vs,
+// the narrower vectors and single channels into ts.
 template <bool kSampled, bool kOneCell, typename V, typename T>
 ERFTOOL_ALWAYS_INLINE void tap_segment(const Segment& sg, const TapRefs<T>& r, TapSums<V>& vs,
                                        TapSums<T>& ts) {
-  constexpr int R = RegisterVector<T>::kLanes;
-  int64_t ch = sg.c0;
-  for (; ch + R <= sg.c1; ch += R) tap_channels<kSampled, kOneCell>(ch, r, vs);
-  for (; ch < sg.c1; ++ch) tap_channels<kSampled, kOneCell>(ch, r, ts);
+  for_channel_vectors<T>(sg.c0, sg.c1, [&](int64_t ch, auto width) {
+    using W = typename decltype(width)::type;
+    if constexpr (std::is_same_v<W, V>) {
+      tap_channels<kSampled, kOneCell>(ch, r, vs);
+    } else if constexpr (std::is_same_v<W, T>) {
+      tap_channels<kSampled, kOneCell>(ch, r, ts);
+    } else {
+      TapSums<W> s;
+      tap_channels<kSampled, kOneCell>(ch, r, s);
+      ts.ky += sum_lanes(s.ky), ts.kx += sum_lanes(s.kx), ts.dy += sum_lanes(s.dy);
+      ts.dx += sum_lanes(s.dx), ts.m += sum_lanes(s.m);
+    }
+  });
 }
 
 // Positions [p0, p1) of the chunk: the offset and mask gradients and po.gin

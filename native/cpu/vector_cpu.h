@@ -35,6 +35,34 @@ constexpr int kRegisterBytes = 16;
 template <typename T>
 using RegisterVector = SimdVector<T, kRegisterBytes>;
 
+// Names a vector type (or T itself, for single channels) to a generic lambda.
+template <typename V>
+struct VectorTag {
+  using type = V;
+};
+
+// f(ch, VectorTag<V>{}) over channels [c0, c1): whole register vectors, then
+// at most one vector of each narrower width down to 16 bytes, then single
+// channels (VectorTag<T>). Blocks of 8 or 4 channels (offset groups of a
+// 64-channel layer) then stay in vector code: with only whole vectors and
+// single channels, offset_groups 8 on 56x56x64 ran the DK forward 2.8x
+// slower than offset_groups 1.
+template <typename T, typename F>
+inline void for_channel_vectors(int64_t c0, int64_t c1, F&& f) {
+  constexpr int R = RegisterVector<T>::kLanes;
+  int64_t ch = c0;
+  for (; ch + R <= c1; ch += R) f(ch, VectorTag<typename RegisterVector<T>::type>{});
+  if constexpr (kRegisterBytes > 32) {
+    constexpr int L = SimdVector<T, 32>::kLanes;
+    if (ch + L <= c1) f(ch, VectorTag<typename SimdVector<T, 32>::type>{}), ch += L;
+  }
+  if constexpr (kRegisterBytes > 16) {
+    constexpr int L = SimdVector<T, 16>::kLanes;
+    if (ch + L <= c1) f(ch, VectorTag<typename SimdVector<T, 16>::type>{}), ch += L;
+  }
+  for (; ch < c1; ++ch) f(ch, VectorTag<T>{});
+}
+
 // floor() lane by lane, for lanes whose values fit T's integers (callers
 // first replace NaN and out-of-range lanes).
 template <typename V, typename I>
