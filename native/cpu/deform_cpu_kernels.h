@@ -491,7 +491,8 @@ struct OffsetGrads {
 template <typename T>
 struct PassOutputs {
   OffsetGrads<T> offsets;
-  T* gin = nullptr;  // (N, H, W, C) input gradient
+  T* gin = nullptr;     // (N, H, W, C) input gradient, from image gin_n0 on
+  int64_t gin_n0 = 0;
 };
 
 // Stores the offset and mask gradients of tap t at output (n, q), one per

@@ -124,7 +124,7 @@ void lane_backward_rows(const Ctx<T>& c, const DenseGrad<T>& gr, const PassOutpu
   for_each_run(c, p0, p1, [&](int64_t p, int64_t n, int64_t y, int64_t x, int64_t run) {
     run_data.sample(c, n, y, x, run);
     const T* img = c.image(n);
-    T* gimg = po.gin ? po.gin + n * g.H * g.W * g.C : nullptr;
+    T* gimg = po.gin ? po.gin + (n - po.gin_n0) * g.H * g.W * g.C : nullptr;
     for (int64_t l = 0; l < run; ++l) {
       const T* grow = gr.g + (p + l) * gr.row_len;
       for (int64_t t = 0; t < g.K; ++t) {
