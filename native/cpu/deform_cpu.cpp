@@ -620,7 +620,8 @@ void backward_chunk(const Geometry& g, const Ctx<T>& c, const Chunk& ch, const D
 // scattered race-free by the fused pass: on a rigid data grid with the bands
 // in two phases (even bands of every image, then odd ones; a band is at least
 // (K_h - 1) * d_h rows tall); with data offsets, whose taps may land anywhere
-// in the image, with every image's bands run in order by one thread.
+// in the image, with every image's bands run in order by one thread, or on
+// few images into a buffer per run of bands (image_parts).
 
 // Positions per band (fp32, 2 threads, forward+backward, interleaved A/B
 // against the chunk loop): 256 positions ran 0.71-0.79x of the chunk loop's
@@ -740,7 +741,8 @@ at::Tensor backward_bands(const Geometry& g, const Tensors<T>& t, const at::Tens
     PassOutputs<T> po;
     po.offsets = out.ptrs();
     po.gin = gin;  // bands of one image run in order on one thread (data offsets)
-    if (slot_gin.defined()) po.gin = slot_gin[slot].template data_ptr<T>(), po.gin_n0 = ch.n0;
+    if (slot_gin.defined())  // or the image's bands are split among slots
+      po.gin = slot_gin[slot].template data_ptr<T>(), po.gin_n0 = ch.n0;
     if (need.offsets() || gin) lane_backward_rows<T>(c, gr, po, int64_t(0), P);
     if (need.weight) {
       at::Tensor acc_slot = acc[slot];
