@@ -59,6 +59,28 @@ def test_process_medians_take_each_field_over_the_processes():
         "--quick", "-x"]
 
 
+def test_reference_ops_are_timed_after_a_warm_up_call(monkeypatch, capsys):
+    """A cold first call of the reference would inflate the native/reference
+    speed-up: it is untimed by default (--ref-warmup 1)."""
+    bench = _script_module()
+    calls = []
+
+    def fake_measure(ops, name, p, backend, repeats, warmup, anchors=None):
+        calls.append((name, backend, repeats, warmup))
+        return {"fwd_ms": 1.0, "fwd_min_ms": 1.0, "fwdbwd_ms": 2.0, "fwdbwd_min_ms": 2.0}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    for argv, ref_warmup in ((["--quick", "--ref-repeats", "2"], 1),
+                             (["--quick", "--ref-repeats", "2", "--ref-warmup", "0"], 0)):
+        calls.clear()
+        monkeypatch.setattr(sys, "argv", ["bench_ops.py", *argv, "--allocator", "system"])
+        bench.main()
+        refs = [c for c in calls if c[1] == "reference"]
+        assert refs and all(c[2:] == (2, ref_warmup) for c in refs), refs
+        assert all(c[3] == 1 for c in calls if c[1] != "reference")
+    capsys.readouterr()
+
+
 @pytest.mark.skipif(_native.load_native() is None, reason="native module unavailable")
 def test_run_in_two_processes_writes_their_medians(tmp_path):
     out = tmp_path / "bench.json"
