@@ -412,6 +412,9 @@ DENSE_CASES = {
     "mask_rigid_grid": config(C=32, O=8, mask=True),
     "dk_dc_mask": config(C=24, O=8, doff=True, mask=True, G=2, DG=2),
     "runs_across_rows": config(N=3, C=16, O=4, H=5, W=23),  # 23 = 16 + 7 lanes
+    # Scopes of 17-32 cells: the register build in two passes over the taps.
+    "scope5": config(C=24, O=8, S=(5, 5)),
+    "scope4x6_dk_dc": config(C=20, O=6, k=(3, 3), S=(4, 6), G=2, DG=2, doff=True, mask=True),
     # Offset groups of 4 and 8 channels: narrower vectors than a register
     # (vector_cpu.h, for_channel_vectors), in the rows and the backward's pass.
     "narrow_offset_groups": config(C=32, O=8, G=8, DG=4, doff=True, mask=True),

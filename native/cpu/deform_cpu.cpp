@@ -2,7 +2,7 @@
 //
 // Column form: per chunk of output positions, build the column rows
 // T[p][(g, s, c)] = sum_taps coef * value (by runs of positions,
-// dense_rows_cpu.h: in registers with kernel offsets and scopes of up to 16
+// dense_rows_cpu.h: in registers with kernel offsets and scopes of up to 32
 // cells, tap by tap for DC; else the scatter of deform_cpu_kernels.h), then
 // one grouped 1x1 convolution (oneDNN) or GEMM against the weight. The
 // backward gets G = grad_out W by GEMM, then one fused pass per chunk that

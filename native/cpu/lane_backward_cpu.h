@@ -17,7 +17,7 @@
 // and two to five horizontal sums per tap and group at the end. These are
 // backward_rows' sums regrouped: the same values up to rounding. (That pass
 // also rebuilt the column rows from its samples; the backward now builds
-// them apart, by runs too, or by the scatter for scopes over 16 cells.
+// them apart, by runs too, or by the scatter for scopes over 32 cells.
 // Scope 5 DK, 56x56x64, fwd+bwd against conv2d in alternating processes:
 // 3.81-3.96x with this pass against 3.96-4.44x (once 5.97x) with
 // backward_rows.)
