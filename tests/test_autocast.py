@@ -25,6 +25,8 @@ def _half_offsets(tensors, low):
 
 
 def _value_and_grads(case, tensors, autocast_dtype=None):
+    # As test_ops_native._grads, but with only the forward inside the region
+    # (backward outside it, as PyTorch recommends).
     leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items()}
     if autocast_dtype is None:
         out = case.call(leaves, backend="native")
