@@ -13,7 +13,13 @@ wall-clock medians (after warm-up) of
 each with the native backend, plus the pure-PyTorch reference of the local
 ops (fewer repeats, after one untimed call: a cold first call of the
 reference can take twice its later ones, DC on 56^2x64 1148 ms and then
-430-510 ms) for the native/reference speed-up. Ratios are
+430-510 ms) for the native/reference speed-up. Beside it the summary prints a
+ceiling: the reference's time over that of the op's matrix products alone
+(forward+backward: three products of C_out x C_in/groups*cells x N*H*W
+multiply-adds, 16 scope cells for a scope-4 DK and DK + DC, 9 taps for DC) at
+the best rate torch.mm reaches in the run (--gemm-size cubed, float32). No
+column-form op whose products run at that rate can beat the reference by more.
+Ratios are
 to conv3x3 of the same shape measured in the same run: the ratio of medians,
 and the "paired" median of per-repeat ratios with conv3x3 timed right before
 each repeat (robust to other processes loading a shared machine).
@@ -75,6 +81,8 @@ SHAPES = [
 
 NATIVE_OPS = ["dk_s4", "dk_s3", "dk_global", "dk_dc", "dc"]
 REFERENCE_OPS = ["dk_s4", "dk_dc", "dc"]
+# weight cells per input channel in the column form's products
+PRODUCT_CELLS = {"dk_s4": 16, "dk_dc": 16, "dc": 9}
 
 
 def _op_api():
@@ -152,6 +160,28 @@ def timed(fn, repeats, warmup, anchor=None):
     return 1e3 * statistics.median(times), 1e3 * min(times), paired
 
 
+def gemm_gflops(size, repeats):
+    """The best float32 rate (GFLOP/s) of torch.mm on two size x size matrices
+    over `repeats` calls after one untimed call: what the column form's
+    products could reach at most on this machine."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(size, size, generator=g)
+    b = torch.randn(size, size, generator=g)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best / 1e9
+
+
+def product_gflop_fwdbwd(op, n, cin, cout, hw, groups):
+    """GFLOP of the op's three column-form products (3x3 taps, stride 1,
+    padding 1: the output is hw x hw)."""
+    return 3 * 2 * n * hw * hw * cout * (cin // groups) * PRODUCT_CELLS[op] / 1e9
+
+
 def _closures(ops, name, p, backend):
     fn, tensors = make_call(ops, name, p, backend)
 
@@ -193,6 +223,8 @@ def run(args):
         sys.exit("erftool.ops is not importable")
     shapes = SHAPES[:1] if args.quick else SHAPES
     rows = []
+    gflops = gemm_gflops(args.gemm_size, args.repeats)
+    print(f"torch.mm {args.gemm_size}^3 float32: best {gflops:.0f} GFLOP/s", flush=True)
     for sname, n, cin, cout, hw, groups in shapes:
         p = Problem(n, cin, cout, hw, groups)
         anchors = _closures(ops, "conv3x3", p, None)
@@ -208,7 +240,9 @@ def run(args):
         if not args.no_reference:
             for name in REFERENCE_OPS:  # slow: few repeats
                 r = measure(ops, name, p, "reference", args.ref_repeats, args.ref_warmup)
-                rows.append(dict(shape=sname, op=name, backend="reference", **r))
+                rows.append(dict(shape=sname, op=name, backend="reference", **r,
+                                 gemm_gflops=gflops, product_gflop_fwdbwd=product_gflop_fwdbwd(
+                                     name, n, cin, cout, hw, groups)))
                 _print(rows[-1], base["conv3x3"])
     _add_ratios(rows)
     _summary(rows)
@@ -286,6 +320,9 @@ def _add_ratios(rows):
             r["speedup_native_fwd"] = r["fwd_ms"] / nat["fwd_ms"]
             if "fwdbwd_ms" in r and "fwdbwd_ms" in nat:
                 r["speedup_native_fwdbwd"] = r["fwdbwd_ms"] / nat["fwdbwd_ms"]
+        if r.get("gemm_gflops") and "fwdbwd_ms" in r:
+            products_ms = 1e3 * r["product_gflop_fwdbwd"] / r["gemm_gflops"]
+            r["speedup_ceiling_fwdbwd"] = r["fwdbwd_ms"] / products_ms
 
 
 def _print(r, conv):
@@ -318,6 +355,10 @@ def _summary(rows):
             print(f"  {r['shape']:16s} {r['op']:8s} native {r['speedup_native_fwdbwd']:6.1f}x "
                   f"faster than reference (target >= {MIN_SPEEDUP_VS_REFERENCE}x) "
                   f"{'ok' if ok else 'MISSED'}")
+        if "speedup_ceiling_fwdbwd" in r:
+            print(f"  {r['shape']:16s} {r['op']:8s} ceiling {r['speedup_ceiling_fwdbwd']:5.1f}x "
+                  f"(its products alone, {r['product_gflop_fwdbwd']:.1f} GFLOP at "
+                  f"{r['gemm_gflops']:.0f} GFLOP/s)")
 
 
 def _cpu_fields():
@@ -358,6 +399,8 @@ def main(argv=None):
     ap.add_argument("--ref-warmup", type=int, default=1,
                     help="untimed calls of each reference op first (0: time the cold call too)")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--gemm-size", type=int, default=2048,
+                    help="matrix size of the torch.mm that sets the ceiling's GEMM rate")
     ap.add_argument("--quick", action="store_true", help="first shape only")
     ap.add_argument("--processes", type=int, default=1,
                     help="run in this many fresh processes; report the medians")

@@ -1,7 +1,8 @@
 """The benchmark scripts. bench_ops.py: a quick run writes its results and runs
 under the allocator setting it records (the steady setting re-runs the script
-with glibc's tunables set, which glibc reads only at start-up). bench_host.py:
-a quick run writes every op. bench_gpu.py: its table and training step, on CPU.
+with glibc's tunables set, which glibc reads only at start-up), and its summary
+bounds the native/reference speed-up. bench_host.py: a quick run writes every
+op. bench_gpu.py: its table and training step, on CPU.
 bench_global_kernels.py: a row per shape and layout, each pass against the copy."""
 import importlib.util
 import json
@@ -79,6 +80,33 @@ def test_reference_ops_are_timed_after_a_warm_up_call(monkeypatch, capsys):
         assert refs and all(c[2:] == (2, ref_warmup) for c in refs), refs
         assert all(c[3] == 1 for c in calls if c[1] != "reference")
     capsys.readouterr()
+
+
+def test_the_ceiling_is_the_reference_over_its_products_at_the_gemm_rate(monkeypatch, capsys):
+    """Beside each native/reference speed-up the summary prints the most any
+    column-form op could reach: the reference's time over its three products'
+    FLOPs at the best torch.mm rate."""
+    bench = _script_module()
+    assert 0 < bench.gemm_gflops(64, 2) < 1e5
+    # 56x56_c64, scope 4: 3 products of 8*56*56 x 64 x 64*16 multiply-adds
+    gflop = 3 * 2 * 8 * 56 * 56 * 64 * 64 * 16 / 1e9
+    assert bench.product_gflop_fwdbwd("dk_s4", 8, 64, 64, 56, 1) == pytest.approx(gflop)
+    assert bench.product_gflop_fwdbwd("dc", 8, 64, 64, 56, 1) == pytest.approx(gflop * 9 / 16)
+    assert bench.product_gflop_fwdbwd("dc", 8, 256, 256, 56, 256) == pytest.approx(
+        3 * 2 * 8 * 56 * 56 * 256 * 9 / 1e9)
+
+    def fake_measure(ops, name, p, backend, repeats, warmup, anchors=None):
+        ms = 200 * gflop if backend == "reference" else 2.0  # 20x its products at 100 GFLOP/s
+        return {"fwd_ms": 1.0, "fwd_min_ms": 1.0, "fwdbwd_ms": ms, "fwdbwd_min_ms": ms}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench, "gemm_gflops", lambda size, repeats: 100.0)
+    monkeypatch.setattr(sys, "argv", ["bench_ops.py", "--quick", "--allocator", "system"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert f"dk_s4    ceiling  20.0x (its products alone, {gflop:.1f} GFLOP at 100 GFLOP/s)" \
+        in out
+    assert "dc       ceiling  35.6x" in out  # 9 cells: 16/9 of dk_s4's
 
 
 @pytest.mark.skipif(_native.load_native() is None, reason="native module unavailable")
